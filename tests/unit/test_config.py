@@ -1,0 +1,65 @@
+"""The run config: YAML + overrides into typed dataclasses, with mistakes named precisely."""
+from pathlib import Path
+
+import pytest
+
+from vlmtrain.config import ConfigError, load_train_config
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "train" / "demo.yaml"
+
+
+def test_demo_config_loads_with_the_tiny_preset():
+    cfg = load_train_config(DEMO)
+    assert cfg.model.name == "tiny"
+    assert cfg.model.vision.width == 64 and cfg.model.text.context_length == 32
+    assert cfg.zero_stage == 2
+
+
+def test_overrides_reach_nested_keys_and_are_typed():
+    cfg = load_train_config(DEMO, ["optim.lr=5e-4", "zero_stage=1", "model.vision.layers=3"])
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.zero_stage == 1
+    assert cfg.model.vision.layers == 3
+    assert cfg.model.vision.width == 64  # the rest of the preset is kept
+
+
+def test_model_name_selects_the_preset_dimensions():
+    cfg = load_train_config(DEMO, ["model.name=vit_b_16"])
+    assert (cfg.model.vision.patch_size, cfg.model.vision.width, cfg.model.embed_dim) == (16, 768, 512)
+
+
+def test_misspelled_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        load_train_config(DEMO, ["optim.lrr=1e-3"])
+
+
+def test_misspelled_key_in_yaml_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("batch_size:", "batchsize:"))
+    with pytest.raises(ConfigError, match=r"'data.batchsize'.*'data.batch_size'"):
+        load_train_config(bad)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("zero_stage=5", r"'zero_stage': got 5, allowed values: 0, 1, 2, 3"),
+    ("precision=fp8", r"'precision': got 'fp8', allowed values: fp32, bf16"),
+    ("model.name=vit_huge", r"'model.name': got 'vit_huge', allowed values: tiny, vit_b_32, vit_b_16"),
+    ("data.batch_size=0", r"'data.batch_size': got 0, must be >= 1"),
+    ("steps=ten", r"'steps' must be int, got 'ten'"),
+    ("model.vision.patch_size=7", r"model.vision.image_size=32 is not divisible by model.vision.patch_size=7"),
+    ("model.text.heads=3", r"model.text.width=64 is not divisible by model.text.heads=3"),
+    ("data.train_shards=", r"'data.train_shards' is required"),
+])
+def test_invalid_values_are_rejected_naming_key_and_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(DEMO, [override])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_train_config(DEMO, ["steps"])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_train_config(tmp_path / "nope.yaml")

@@ -1,0 +1,65 @@
+"""Model towers: shapes, the [1]-shaped logit scale, and the causal text tower."""
+import math
+
+import pytest
+import torch
+
+from vlmtrain.config import ModelConfig
+from vlmtrain.data import make_tokenizer
+from vlmtrain.models.clip import LOGIT_SCALE_MAX
+from vlmtrain.models.registry import PRESETS, build_model
+from vlmtrain.config import from_dict
+
+
+def tiny_config(**vision) -> ModelConfig:
+    raw = {**PRESETS["tiny"]}
+    raw["vision"] = {**raw["vision"], **vision}
+    return from_dict(ModelConfig, raw)
+
+
+def test_forward_returns_normalized_features_and_scale():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    tokens = make_tokenizer(cfg.text)(["a red circle", "a blue star on the left", "seven"])
+    images = torch.randn(3, 3, 32, 32)
+    image_features, text_features, scale = model(images, tokens)
+    assert image_features.shape == text_features.shape == (3, cfg.embed_dim)
+    torch.testing.assert_close(image_features.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(text_features.norm(dim=-1), torch.ones(3))
+    assert scale.shape == (1,) and math.isclose(scale.item(), 1 / 0.07, rel_tol=1e-5)
+
+
+def test_logit_scale_is_one_dimensional_for_deepspeed():
+    assert build_model(tiny_config()).logit_scale.shape == (1,)
+
+
+def test_clamp_keeps_logit_scale_within_zero_and_ln_100():
+    model = build_model(tiny_config())
+    with torch.no_grad():
+        model.logit_scale.fill_(9.0)
+    model.clamp_logit_scale()
+    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX)
+
+
+def test_text_features_ignore_tokens_after_the_end_of_caption():
+    cfg = tiny_config()
+    model = build_model(cfg).eval()
+    tokens = make_tokenizer(cfg.text)(["a green square"])
+    eot = int(tokens.argmax())
+    padded_differently = tokens.clone()
+    padded_differently[0, eot + 1:] = 7  # junk after EOT must not leak back through causal attention
+    torch.testing.assert_close(model.encode_text(tokens), model.encode_text(padded_differently))
+
+
+@pytest.mark.parametrize("image_size, patch", [(32, 8), (48, 16), (64, 8)])
+def test_vision_tower_accepts_configured_resolution(image_size, patch):
+    cfg = tiny_config(image_size=image_size, patch_size=patch)
+    model = build_model(cfg)
+    assert model.encode_image(torch.randn(2, 3, image_size, image_size)).shape == (2, cfg.embed_dim)
+
+
+def test_vit_b_16_preset_has_the_expected_size():
+    with torch.device("meta"):
+        model = build_model(from_dict(ModelConfig, PRESETS["vit_b_16"]))
+    params = sum(p.numel() for p in model.parameters())
+    assert 145e6 < params < 155e6  # open_clip's ViT-B-16 has 149.6M parameters

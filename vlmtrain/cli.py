@@ -1,0 +1,86 @@
+"""Command-line entry points: ``vlm-train`` and ``vlm-eval``.
+
+User mistakes (bad config, missing data, unreadable checkpoint) end in one ``error:`` line and
+exit code 2, before any worker process starts where that is possible.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+from vlmtrain.checkpoint import CheckpointError
+from vlmtrain.config import ConfigError
+from vlmtrain.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+TRAIN_EPILOG = """\
+overrides:
+  Any config key can be set as key.sub=value after the options, e.g.
+    vlm-train --config configs/train/demo.yaml steps=200 optim.lr=5e-4 zero_stage=1
+  Values are parsed as YAML. Unknown keys and invalid values are rejected before training starts.
+
+launching:
+  Under torchrun or the deepspeed launcher, vlm-train runs as one worker of the job.
+  Started on its own it launches --nproc-per-node local ranks itself (gloo on CPU).
+"""
+
+
+@contextmanager
+def user_errors(prog: str):
+    """Turn the exceptions we raise for user mistakes into one clear line and exit code 2."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def configure_runtime() -> None:
+    """Quiet, CPU-friendly defaults; set before DeepSpeed is imported anywhere."""
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vlm-train", description="Train a CLIP model with DeepSpeed ZeRO.",
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/train/demo.yaml")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="ranks to launch locally when not already under a launcher (default 1)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_args(argv)
+
+    from vlmtrain.config import load_train_config
+    from vlmtrain.data import resolve_shards
+    from vlmtrain.dist import free_port, is_launched
+
+    with user_errors("vlm-train"):
+        cfg = load_train_config(args.config, args.overrides)
+        resolve_shards(cfg.data.train_shards)
+        if is_launched() or args.nproc_per_node == 1:
+            configure_runtime()
+            from vlmtrain.engine import train
+
+            train(cfg)
+            return
+    if args.nproc_per_node < 1:
+        parser.error("--nproc-per-node must be >= 1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+               "-m", "vlmtrain.cli", "--config", args.config, *args.overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    sys.exit(subprocess.call(command, env=env))
+
+
+if __name__ == "__main__":
+    train_main()

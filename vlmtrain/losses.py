@@ -1,0 +1,35 @@
+"""Contrastive losses. Each rank computes a *local* loss against features gathered from all ranks.
+
+Gathering with gradients lets every rank's backward reach the features of the others, so the
+mean of the local losses (what data-parallel averaging optimises) has the gradient of the full
+global-batch loss, at O(local × global) rather than O(global²) logits per rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``features`` from every rank, in rank order, keeping the autograd graph."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    return torch.cat(dist_nn.all_gather(features), dim=0)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE (open_clip's ClipLoss with local_loss=True, gather_with_grad=True)."""
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+        all_image = gather_with_grad(image_features)
+        all_text = gather_with_grad(text_features)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        local = image_features.shape[0]
+        labels = torch.arange(local, device=image_features.device) + rank * local
+        logits_per_image = logit_scale * image_features @ all_text.T
+        logits_per_text = logit_scale * text_features @ all_image.T
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

@@ -1,0 +1,42 @@
+"""CLIP: two towers and a learnable temperature."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmtrain.config import ModelConfig
+from vlmtrain.models.text import TextTower
+from vlmtrain.models.vision import VisionTower
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim)
+        self.text = TextTower(cfg.text, cfg.embed_dim)
+        # Shape [1], not []: DeepSpeed cannot flatten 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        """Return normalized image and text features and the (exponentiated) logit scale."""
+        return (self.encode_image(images, normalize=True),
+                self.encode_text(tokens, normalize=True),
+                self.logit_scale.exp())
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
