@@ -41,7 +41,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -64,7 +64,7 @@ COLOURS = {
 }
 # Diameter of the shape's bounding circle as a fraction of the image side.
 # "small" stays above 30% so the shape is still legible once resized to 32 px.
-SIZES = {"small": 0.34, "medium": 0.46, "large": 0.60}
+SIZES = {"small": 0.36, "medium": 0.48, "large": 0.62}
 POSITIONS = ("left", "right", "top", "bottom", "center")
 BACKGROUND_STYLES = ("plain", "gradient", "texture")
 TONES = ("light", "dark")
@@ -198,7 +198,7 @@ def _background(rng: np.random.Generator, px: int, background: str) -> np.ndarra
 
 
 def _add_pixel_noise(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    noisy = image + rng.normal(0.0, rng.uniform(2.0, 6.0), size=image.shape)
+    noisy = image + rng.uniform(2.0, 6.0) * rng.standard_normal(image.shape, dtype=np.float32)
     return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -235,7 +235,9 @@ def _polygon(shape: str, cx: float, cy: float, d: float, angle: float) -> list[t
 
 def render_scene(scene: Scene, rng: np.random.Generator, px: int) -> Image.Image:
     big = px * SUPERSAMPLE
-    canvas = Image.fromarray(np.clip(_background(rng, big, scene.background), 0, 255).astype(np.uint8))
+    # The background is made at 1x; nearest upsampling + box reduce() returns it unchanged.
+    background = np.clip(_background(rng, px, scene.background), 0, 255).astype(np.uint8)
+    canvas = Image.fromarray(background).resize((big, big), Image.NEAREST)
     colour = _jittered(COLOURS[scene.colour], rng)
     diameter = SIZES[scene.size] * rng.uniform(0.92, 1.08)
     fx, fy = _place(scene.position, diameter, rng)
@@ -245,7 +247,7 @@ def render_scene(scene: Scene, rng: np.random.Generator, px: int) -> Image.Image
         draw.ellipse([cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2], fill=colour)
     else:
         draw.polygon(_polygon(scene.shape, cx, cy, d, np.deg2rad(rng.uniform(-15, 15))), fill=colour)
-    small = np.asarray(canvas.resize((px, px), Image.LANCZOS), dtype=np.float32)
+    small = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32)
     return _add_pixel_noise(small, rng)
 
 
@@ -372,29 +374,53 @@ def distinct_captions(content: Content, rng: np.random.Generator, count: int) ->
 # digit words and caption templates.  German avoids adjective declension ("in Rot").
 _FOREIGN = {
     "es": {
-        "shapes": {"circle": ("círculo", 0), "square": ("cuadrado", 0), "triangle": ("triángulo", 0), "star": ("estrella", 1)},
-        "colours": {"red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
-                    "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"), "orange": ("naranja", "naranja")},
+        "shapes": {
+            "circle": ("círculo", 0), "square": ("cuadrado", 0),
+            "triangle": ("triángulo", 0), "star": ("estrella", 1),
+        },
+        "colours": {
+            "red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
+            "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"), "orange": ("naranja", "naranja"),
+        },
         "articles": ("un", "una"),
-        "positions": {"left": "a la izquierda", "right": "a la derecha", "top": "arriba", "bottom": "abajo", "center": "en el centro"},
-        "scene": ("{art} {shape} {colour} {pos}", "hay {art} {shape} {colour} {pos}", "un dibujo de {art} {shape} {colour}"),
+        "positions": {
+            "left": "a la izquierda", "right": "a la derecha", "top": "arriba", "bottom": "abajo",
+            "center": "en el centro",
+        },
+        "scene": (
+            "{art} {shape} {colour} {pos}",
+            "hay {art} {shape} {colour} {pos}",
+            "un dibujo de {art} {shape} {colour}",
+        ),
         "digits": ("cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve"),
         "digit": ("un dígito {n} escrito a mano", "el número {w}"),
     },
     "fr": {
-        "shapes": {"circle": ("cercle", 0), "square": ("carré", 0), "triangle": ("triangle", 0), "star": ("étoile", 1)},
-        "colours": {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
-                    "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"), "orange": ("orange", "orange")},
+        "shapes": {
+            "circle": ("cercle", 0), "square": ("carré", 0), "triangle": ("triangle", 0), "star": ("étoile", 1),
+        },
+        "colours": {
+            "red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"),
+            "yellow": ("jaune", "jaune"), "purple": ("violet", "violette"), "orange": ("orange", "orange"),
+        },
         "articles": ("un", "une"),
-        "positions": {"left": "à gauche", "right": "à droite", "top": "en haut", "bottom": "en bas", "center": "au centre"},
-        "scene": ("{art} {shape} {colour} {pos}", "il y a {art} {shape} {colour} {pos}", "un dessin d'{art} {shape} {colour}"),
+        "positions": {
+            "left": "à gauche", "right": "à droite", "top": "en haut", "bottom": "en bas", "center": "au centre",
+        },
+        "scene": (
+            "{art} {shape} {colour} {pos}",
+            "il y a {art} {shape} {colour} {pos}",
+            "un dessin d'{art} {shape} {colour}",
+        ),
         "digits": ("zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf"),
         "digit": ("un chiffre {n} écrit à la main", "le nombre {w}"),
     },
     "de": {
         "shapes": {"circle": ("Kreis", 0), "square": ("Quadrat", 0), "triangle": ("Dreieck", 0), "star": ("Stern", 0)},
-        "colours": {"red": ("Rot",) * 2, "green": ("Grün",) * 2, "blue": ("Blau",) * 2,
-                    "yellow": ("Gelb",) * 2, "purple": ("Lila",) * 2, "orange": ("Orange",) * 2},
+        "colours": {
+            "red": ("Rot",) * 2, "green": ("Grün",) * 2, "blue": ("Blau",) * 2,
+            "yellow": ("Gelb",) * 2, "purple": ("Lila",) * 2, "orange": ("Orange",) * 2,
+        },
         "articles": ("ein", "eine"),
         "positions": {"left": "links", "right": "rechts", "top": "oben", "bottom": "unten", "center": "in der Mitte"},
         "scene": ("{art} {shape} in {colour} {pos}", "{pos} ist {art} {shape} in {colour}"),
@@ -560,17 +586,26 @@ def _content_fields(content: Content) -> dict:
     }
 
 
-class Renderer:
-    """Draws images for contents; each (split, item) has its own random stream."""
+@dataclass
+class Writer:
+    """What every split writer shares: output root, image drawing, sharding and progress."""
 
-    def __init__(self, seed: int, image_size: int, digit_pixels: np.ndarray):
-        self.seed, self.px, self.digit_pixels = seed, image_size, digit_pixels
+    out: Path
+    seed: int
+    image_size: int
+    digit_pixels: np.ndarray  # load_digits().images, values 0..16
+    per_shard: int
+    bar: tqdm
 
     def image(self, content: Content, split: str, index: int) -> Image.Image:
+        """The clean image of item `index` of `split`; its own random stream makes it reproducible."""
         rng = _rng(self.seed, split, index, "render")
         if isinstance(content, Scene):
-            return render_scene(content, rng, self.px)
-        return render_digit(content, self.digit_pixels[content.source_index], rng, self.px)
+            return render_scene(content, rng, self.image_size)
+        return render_digit(content, self.digit_pixels[content.source_index], rng, self.image_size)
+
+    def sink(self, relative: str, name_format: str) -> ShardSink:
+        return ShardSink(self.out / relative, name_format, self.per_shard)
 
 
 def _near_duplicate(image: Image.Image, transform: str, rng: np.random.Generator) -> bytes:
@@ -583,7 +618,8 @@ def _near_duplicate(image: Image.Image, transform: str, rng: np.random.Generator
         return encode_jpeg(image.resize((side, side), Image.BICUBIC))
     most = max(1, round(0.1 * px))
     left, top, right, bottom = (int(rng.integers(0, most + 1)) for _ in range(4))
-    left = left or (0 if top + right + bottom else most)  # always crop at least something
+    if left + top + right + bottom == 0:  # a near-duplicate must differ from its original
+        left = most
     return encode_jpeg(image.crop((left, top, px - right, px - bottom)))
 
 
@@ -595,10 +631,11 @@ def _corrupt(image: Image.Image, rng: np.random.Generator) -> bytes:
     return rng.bytes(int(rng.integers(500, 3000)))
 
 
-def train_image_bytes(sample: TrainSample, renderer: Renderer, seed: int) -> bytes:
+def train_image_bytes(sample: TrainSample, writer: Writer) -> bytes:
+    """The image bytes as written, including the image-level noise."""
     source = sample.index if sample.duplicate_of is None else sample.duplicate_of
-    image = renderer.image(sample.content, "train", source)
-    rng = _rng(seed, "train", sample.index, "noise")
+    image = writer.image(sample.content, "train", source)
+    rng = _rng(writer.seed, "train", sample.index, "noise")
     if sample.noise == "near_duplicate":
         return _near_duplicate(image, sample.dup_transform, rng)
     if sample.noise == "tiny_image":
@@ -639,28 +676,33 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def write_train(out: Path, samples: list[TrainSample], renderer: Renderer, seed: int, per_shard: int, bar: tqdm) -> list[str]:
-    sink = ShardSink(out / "train", "shard-{:06d}.tar", per_shard)
+def _train_row(sample: TrainSample, data: bytes) -> dict:
+    width, height = _image_size(data)
+    return {
+        "key": sample.key,
+        "caption": sample.caption,
+        **_content_fields(sample.content),
+        "noise": sample.noise,
+        "duplicate_of": None if sample.duplicate_of is None else train_key(sample.duplicate_of),
+        "width": width,
+        "height": height,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def write_train(writer: Writer, samples: list[TrainSample]) -> list[str]:
+    """Write the train shards and index.parquet; return the shard paths relative to the output root."""
+    sink = writer.sink("train", "shard-{:06d}.tar")
     rows = []
     for sample in samples:
-        data = train_image_bytes(sample, renderer, seed)
-        width, height = _image_size(data)
-        meta = {
-            "key": sample.key,
-            "caption": sample.caption,
-            **_content_fields(sample.content),
-            "noise": sample.noise,
-            "duplicate_of": None if sample.duplicate_of is None else train_key(sample.duplicate_of),
-            "width": width,
-            "height": height,
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
-        shard = sink.write({"__key__": sample.key, "jpg": data, "txt": sample.caption.encode(), "json": _json_bytes(
-            {**meta, "dup_transform": sample.dup_transform})})
-        rows.append({**meta, "shard": shard})
-        bar.update()
+        data = train_image_bytes(sample, writer)
+        row = _train_row(sample, data)
+        meta = _json_bytes({**row, "dup_transform": sample.dup_transform})
+        shard = sink.write({"__key__": sample.key, "jpg": data, "txt": sample.caption.encode(), "json": meta})
+        rows.append({**row, "shard": shard})
+        writer.bar.update()
     sink.close()
-    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), out / "train" / "index.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), writer.out / "train" / "index.parquet")
     return [f"train/{name}" for name in sink.names]
 
 
@@ -669,56 +711,65 @@ def _write_text_lines(path: Path, lines: Sequence[str]) -> None:
     path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
-def _eval_sample(key: str, content: Content, renderer: Renderer, split: str, index: int, text: str, extra: dict) -> dict:
+def _eval_sample(writer: Writer, split: str, index: int, content: Content, text: str, extra: dict) -> dict:
+    key = f"{split.removeprefix('eval-')}-{index:07d}"
     return {
         "__key__": key,
-        "jpg": encode_jpeg(renderer.image(content, split, index)),
+        "jpg": encode_jpeg(writer.image(content, split, index)),
         "txt": text.encode(),
         "json": _json_bytes({"key": key, **_content_fields(content), **extra}),
     }
 
 
-def _classification_items(seed: int, eval_per_class: int, held_out: np.ndarray, targets: np.ndarray, name: str) -> Iterator[tuple[int, Content]]:
-    """(class index, content) pairs for the shapes or digits zero-shot set."""
-    if name == "shapes":
-        rng = _rng(seed, "eval-shapes", "content")
-        for cls, classname in enumerate(SHAPE_CLASSNAMES):
-            colour, shape = classname.split()
-            for _ in range(eval_per_class):
-                yield cls, draw_scene(rng, shape=shape, colour=colour)
-        return
+def shape_eval_items(seed: int, per_class: int) -> list[tuple[int, Scene]]:
+    """(class index, scene) pairs: `per_class` fresh scenes of every "<colour> <shape>" class."""
+    rng = _rng(seed, "eval-shapes", "content")
+    items = []
+    for cls, classname in enumerate(SHAPE_CLASSNAMES):
+        colour, shape = classname.split()
+        items += [(cls, draw_scene(rng, shape=shape, colour=colour)) for _ in range(per_class)]
+    return items
+
+
+def digit_eval_items(seed: int, per_class: int, held_out: np.ndarray, targets: np.ndarray) -> list[tuple[int, Digit]]:
+    """(class index, digit) pairs: up to `per_class` distinct held-out digits of every class."""
     rng = _rng(seed, "eval-digits", "content")
+    items = []
     for cls in range(len(DIGIT_WORDS)):
-        candidates = rng.permutation(held_out[targets[held_out] == cls])[:eval_per_class]
-        for index in np.sort(candidates):
-            yield cls, Digit(digit=cls, source_index=int(index), background=_random_background(rng))
+        chosen = np.sort(rng.permutation(held_out[targets[held_out] == cls])[:per_class])
+        items += [(cls, Digit(cls, int(index), _random_background(rng))) for index in chosen]
+    return items
 
 
-def write_classification(out: Path, name: str, items: list[tuple[int, Content]], renderer: Renderer, seed: int, per_shard: int, bar: tqdm) -> int:
-    root = out / "eval" / name
-    classnames = SHAPE_CLASSNAMES if name == "shapes" else list(DIGIT_WORDS)
-    _write_text_lines(root / "classnames.txt", classnames)
-    _write_text_lines(root / "zeroshot_classification_templates.txt", SHAPE_TEMPLATES if name == "shapes" else DIGIT_TEMPLATES)
-    sink = ShardSink(root / "test", "{:06d}.tar", per_shard)
+def write_classification(
+    writer: Writer, name: str, items: Sequence[tuple[int, Content]], classnames: Sequence[str], templates: Sequence[str]
+) -> int:
+    """Write eval/<name>/ in CLIP_benchmark's webdataset layout; return the sample count."""
+    root = f"eval/{name}"
+    _write_text_lines(writer.out / root / "classnames.txt", classnames)
+    _write_text_lines(writer.out / root / "zeroshot_classification_templates.txt", templates)
+    sink = writer.sink(f"{root}/test", "{:06d}.tar")
     split = f"eval-{name}"
     for i, (cls, content) in enumerate(items):
-        text = caption(content, _rng(seed, split, i, "caption"))
-        sample = _eval_sample(f"{name}-{i:07d}", content, renderer, split, i, text, {"cls": cls, "classname": classnames[cls]})
+        text = caption(content, _rng(writer.seed, split, i, "caption"))
+        sample = _eval_sample(writer, split, i, content, text, {"cls": cls, "classname": classnames[cls]})
         sink.write({**sample, "cls": str(cls).encode()})
-        bar.update()
+        writer.bar.update()
     sink.close()
     return len(items)
 
 
-def write_retrieval(out: Path, held_out: np.ndarray, targets: np.ndarray, renderer: Renderer, seed: int, per_shard: int, bar: tqdm) -> int:
-    sink = ShardSink(out / "eval" / "retrieval" / "test", "{:06d}.tar", per_shard)
+def write_retrieval(writer: Writer, held_out: np.ndarray, targets: np.ndarray) -> int:
+    """Write eval/retrieval/: fresh clean scenes and held-out digits with two captions each."""
+    sink = writer.sink("eval/retrieval/test", "{:06d}.tar")
+    split = "eval-retrieval"
     for i in range(RETRIEVAL_SIZE):
-        rng = _rng(seed, "eval-retrieval", i, "content")
+        rng = _rng(writer.seed, split, i, "content")
         is_digit = i % RETRIEVAL_DIGIT_EVERY == RETRIEVAL_DIGIT_EVERY - 1
         content = draw_digit(rng, held_out, targets) if is_digit else draw_scene(rng)
-        texts = distinct_captions(content, _rng(seed, "eval-retrieval", i, "caption"), 2)
-        sink.write(_eval_sample(f"retrieval-{i:07d}", content, renderer, "eval-retrieval", i, "\n".join(texts), {}))
-        bar.update()
+        texts = distinct_captions(content, _rng(writer.seed, split, i, "caption"), 2)
+        sink.write(_eval_sample(writer, split, i, content, "\n".join(texts), {}))
+        writer.bar.update()
     sink.close()
     return RETRIEVAL_SIZE
 
@@ -729,6 +780,8 @@ GENERATED_PATHS = ("train", "eval", "manifest.json")
 
 
 def _prepare_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"output directory {out} exists and is not empty (use --force to overwrite)")
@@ -758,19 +811,18 @@ def generate(
     digits = load_digits()
     targets = digits.target.astype(np.int64)
     pool, held_out = split_digits(seed, len(targets))
-    renderer = Renderer(seed, image_size, digits.images)
-
     samples = plan_train(seed, num_train, pool, targets)
-    shapes = list(_classification_items(seed, eval_per_class, held_out, targets, "shapes"))
-    digit_items = list(_classification_items(seed, eval_per_class, held_out, targets, "digits"))
+    shapes = shape_eval_items(seed, eval_per_class)
+    digit_items = digit_eval_items(seed, eval_per_class, held_out, targets)
     total = num_train + len(shapes) + len(digit_items) + RETRIEVAL_SIZE
     with tqdm(total=total, desc="writing samples", unit="img", disable=not progress) as bar:
-        shard_paths = write_train(out, samples, renderer, seed, samples_per_shard, bar)
+        writer = Writer(out, seed, image_size, digits.images, samples_per_shard, bar)
+        shard_paths = write_train(writer, samples)
         counts = {
             "train": num_train,
-            "eval/shapes": write_classification(out, "shapes", shapes, renderer, seed, samples_per_shard, bar),
-            "eval/digits": write_classification(out, "digits", digit_items, renderer, seed, samples_per_shard, bar),
-            "eval/retrieval": write_retrieval(out, held_out, targets, renderer, seed, samples_per_shard, bar),
+            "eval/shapes": write_classification(writer, "shapes", shapes, SHAPE_CLASSNAMES, SHAPE_TEMPLATES),
+            "eval/digits": write_classification(writer, "digits", digit_items, DIGIT_WORDS, DIGIT_TEMPLATES),
+            "eval/retrieval": write_retrieval(writer, held_out, targets),
         }
 
     manifest = {
@@ -809,7 +861,8 @@ def _summary(out: Path, manifest: dict) -> str:
         [
             f"samples: {counts}",
             f"train noise: {noise}",
-            f"train: {out / shards[0]} .. {out / shards[-1]} ({len(shards)} shards), index {out / 'train/index.parquet'}",
+            f"train: {out / shards[0]} .. {out / shards[-1]} ({len(shards)} shards)",
+            f"train index: {out / 'train/index.parquet'}",
             f"eval: {out / 'eval/shapes'}, {out / 'eval/digits'}, {out / 'eval/retrieval'}",
             f"manifest: {out / 'manifest.json'}",
         ]
@@ -842,8 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="make_demo_data.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Generate a small, deterministic image-text corpus for the vlmtrain CLIP demo "
-            "(no network needed; the same --seed gives byte-identical files)."
+            "Generate a small, deterministic image-text corpus for the vlmtrain CLIP demo.\n"
+            "No network is needed, and the same --seed gives byte-identical files."
         ),
         epilog="""\
 what is generated:
@@ -867,16 +920,21 @@ what is generated:
 Eval sets are clean, freshly drawn and independent of --num-train.
 """,
     )
-    parser.add_argument("--out", required=True, type=Path, help="output directory (must be empty or absent unless --force)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output directory (must be empty or absent unless --force)"
+    )
     parser.add_argument("--seed", required=True, type=_non_negative_int, help="random seed (>= 0)")
     parser.add_argument("--num-train", type=_positive_int, default=12000, help="train pool size (default: 12000)")
     parser.add_argument("--image-size", type=_image_side, default=64, help="image side in pixels, >= 32 (default: 64)")
-    parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, help="samples per tar shard (default: 1000)")
+    parser.add_argument(
+        "--samples-per-shard", type=_positive_int, default=1000, help="samples per tar shard (default: 1000)"
+    )
     parser.add_argument(
         "--eval-per-class",
         type=_positive_int,
         default=20,
-        help="images per class in the shapes and digits eval sets; digits are capped by the held-out count (default: 20)",
+        help="images per class in the shapes and digits eval sets; digits are capped by the held-out count "
+        "(default: 20)",
     )
     parser.add_argument(
         "--force",

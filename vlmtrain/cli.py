@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from vlmtrain.checkpoint import CheckpointError
 from vlmtrain.config import ConfigError
 from vlmtrain.data import DataError
+from vlmtrain.eval.datasets import EvalDataError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, EvalDataError)
 
 TRAIN_EPILOG = """\
 overrides:
@@ -80,6 +81,44 @@ def train_main(argv: list[str] | None = None) -> None:
                "-m", "vlmtrain.cli", "--config", args.config, *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     sys.exit(subprocess.call(command, env=env))
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vlm-eval", description="Evaluate a trained model zero-shot (CLIP_benchmark conventions).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    zeroshot = commands.add_parser(
+        "zeroshot", help="zero-shot classification and retrieval on eval sets",
+        description="Classification sets (classnames.txt + zeroshot_classification_templates.txt + "
+                    "test/*.tar with cls) get top-1/top-5/mean-per-class recall; retrieval sets "
+                    "(test/*.tar with several captions per image in txt) get recall@1/5/10 both ways.")
+    zeroshot.add_argument("--checkpoint", required=True,
+                          help="a vlm-train run directory, or its exported final/ directory")
+    zeroshot.add_argument("--data", required=True, nargs="+",
+                          help="eval dataset directories, or directories holding several")
+    zeroshot.add_argument("--out", help="write the results as JSON here")
+    zeroshot.add_argument("--batch-size", type=int, default=256)
+    zeroshot.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+
+    configure_runtime()
+    import json
+    from pathlib import Path
+
+    from vlmtrain.checkpoint import load_exported
+    from vlmtrain.data import make_image_transform, make_tokenizer
+    from vlmtrain.eval.suite import evaluate_all, format_table
+
+    with user_errors("vlm-eval"):
+        model, model_cfg, _ = load_exported(args.checkpoint)
+        records = evaluate_all(model, make_tokenizer(model_cfg.text),
+                               make_image_transform(model_cfg.vision, train=False), args.data,
+                               model_name=str(args.checkpoint), batch_size=args.batch_size,
+                               progress=not args.no_progress)
+    print(format_table(records))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(records, indent=2))
 
 
 if __name__ == "__main__":

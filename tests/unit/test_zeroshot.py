@@ -231,7 +231,8 @@ def test_retrieval_recalls_match_brute_force_with_several_captions_per_image():
     text_to_image = torch.tensor([i for i, n in enumerate(captions_per_image) for _ in range(n)])
     image_features = F.normalize(torch.randn(len(captions_per_image), 16, generator=generator), dim=-1)
     # captions are noisy copies of their image, so recalls are neither 0 nor 1
-    text_features = F.normalize(image_features[text_to_image] + 1.2 * torch.randn(len(text_to_image), 16, generator=generator), dim=-1)
+    noise = 1.2 * torch.randn(len(text_to_image), 16, generator=generator)
+    text_features = F.normalize(image_features[text_to_image] + noise, dim=-1)
 
     metrics = retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 2, 5))
 

@@ -74,7 +74,9 @@ def _read_lines(path: Path, what: str) -> list[str]:
     if not lines:
         raise EvalDataError(f"{path} is empty: write {what} into it, one per line")
     if "" in lines:
-        raise EvalDataError(f"{path} line {lines.index('') + 1} is blank: remove it, every line must hold one of {what}")
+        raise EvalDataError(
+            f"{path} line {lines.index('') + 1} is blank: remove it, every line must hold one of {what}"
+        )
     return lines
 
 
@@ -156,7 +158,9 @@ def _class_index(sample: dict[str, Any]) -> int:
     try:
         return int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        raise EvalDataError(f"{_where(sample)}: .cls must be an integer class index as ASCII text, got {raw!r}") from None
+        raise EvalDataError(
+            f"{_where(sample)}: .cls must be an integer class index as ASCII text, got {raw!r}"
+        ) from None
 
 
 def _captions(sample: dict[str, Any]) -> list[str]:

@@ -1,0 +1,43 @@
+"""Shared test fixtures: the repository's CLIs run as real subprocesses on a generated corpus."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment the Makefile gives the tools: offline, caches inside build/."""
+    build = REPO / "build"
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(build / "torch_extensions")),
+        "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR", str(build / "matplotlib")),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def run_tool(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a console tool (``vlm-train`` …) or a script under tools/ with this interpreter."""
+    head, *rest = args
+    if head.endswith(".py"):
+        command = [sys.executable, str(REPO / head), *rest]
+    else:
+        command = [str(Path(sys.executable).parent / head), *rest]
+    return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A few hundred generated pairs in several shards, plus the held-out eval sets."""
+    out = tmp_path_factory.mktemp("corpus")
+    result = run_tool("tools/make_demo_data.py", "--out", str(out), "--seed", "3", "--num-train", "640",
+                      "--samples-per-shard", "160", "--eval-per-class", "3", "--force")
+    assert result.returncode == 0, result.stderr
+    return out

@@ -1,0 +1,55 @@
+"""User mistakes end in one clear error line and a non-zero exit, never a library traceback."""
+import pytest
+
+from tests.conftest import run_tool
+
+pytestmark = pytest.mark.e2e
+
+
+def assert_one_clear_error(result, tool: str, *fragments: str) -> None:
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{tool}: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_train_with_a_missing_data_path(tmp_path):
+    result = run_tool("vlm-train", "--config", "configs/train/demo.yaml", "--nproc-per-node", "2",
+                      f"data.train_shards={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'run'}")
+    assert_one_clear_error(result, "vlm-train", "data.train_shards", "nowhere")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_with_an_empty_shard_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_tool("vlm-train", "--config", "configs/train/demo.yaml",
+                      f"data.train_shards={tmp_path / 'empty'}", f"output_dir={tmp_path / 'run'}")
+    assert_one_clear_error(result, "vlm-train", "no .tar shards", "empty")
+
+
+def test_train_with_a_bad_config_value_fails_before_launching_ranks(tmp_path):
+    result = run_tool("vlm-train", "--config", "configs/train/demo.yaml", "--nproc-per-node", "2",
+                      "zero_stage=4", f"output_dir={tmp_path / 'run'}")
+    assert_one_clear_error(result, "vlm-train", "'zero_stage'", "allowed values: 0, 1, 2, 3")
+
+
+def test_eval_with_an_unreadable_checkpoint_directory(tmp_path, small_corpus):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "vlmtrain.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"\x00" * 16)
+    result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(broken), "--data", str(small_corpus / "eval"))
+    assert_one_clear_error(result, "vlm-eval", "unreadable", "vlmtrain.json")
+
+
+def test_eval_with_a_directory_that_holds_no_checkpoint(tmp_path, small_corpus):
+    result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(tmp_path), "--data", str(small_corpus / "eval"))
+    assert_one_clear_error(result, "vlm-eval", "no exported model", str(tmp_path))
+
+
+def test_eval_with_a_missing_data_directory(tmp_path):
+    result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "nope"))
+    assert_one_clear_error(result, "vlm-eval")
