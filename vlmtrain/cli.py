@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from contextlib import contextmanager
 
 from vlmtrain.checkpoint import CheckpointError
@@ -49,6 +50,8 @@ def configure_runtime() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19 still calls collectives that torch 2.14 deprecates; not actionable by users.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def train_main(argv: list[str] | None = None) -> None:

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
 
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``features`` from every rank, in rank order, keeping the autograd graph."""
+    """Concatenate ``features`` from every rank, in rank order, keeping the autograd graph.
+
+    Functional collectives are torch's replacement for the deprecated ``torch.distributed.nn``
+    gather; their backward reduce-scatters the gradients back to the owning ranks.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
-    return torch.cat(dist_nn.all_gather(features), dim=0)
+    return funcol.all_gather_single(features.contiguous(), 0, dist.group.WORLD)
 
 
 class ClipLoss(nn.Module):

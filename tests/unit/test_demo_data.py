@@ -167,7 +167,7 @@ def test_scene_rows_have_attributes_and_digit_rows_have_a_digit(index):
 
 
 def test_train_pool_is_about_three_quarters_scenes(index):
-    assert (index.kind == "digit").mean() == pytest.approx(0.25, abs=0.02)
+    assert (index.kind == "digit").mean() == pytest.approx(0.45, abs=0.02)
 
 
 # ----------------------------------------------------------------------------- noise

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import webdataset
-from open_clip.tokenizer import SimpleTokenizer
 from open_clip.zero_shot_classifier import build_zero_shot_classifier as open_clip_classifier
 from PIL import Image
 
@@ -30,26 +29,9 @@ from vlmtrain.eval.datasets import (
 )
 from vlmtrain.eval.zeroshot import zero_shot_classification, zero_shot_retrieval
 
-CONTEXT_LENGTH = 16
-CLASSNAMES = ["cat", "dog", "car", "tree", "boat", "plane", "house"]
-TEMPLATES = ["a photo of a {c}.", "a blurry drawing of the {c}.", "{c}"]
+from .conftest import CLASSNAMES, TEMPLATES
+
 CORRUPT_KEY = "sample_0005"
-
-
-@pytest.fixture(scope="module")
-def model() -> open_clip.model.CLIP:
-    """A randomly initialised CLIP small enough for CPU tests (avg pooling keeps image features diverse)."""
-    torch.manual_seed(0)
-    return open_clip.model.CLIP(
-        embed_dim=32,
-        vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32, pool_type="avg"),
-        text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=32, heads=2, layers=1),
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> SimpleTokenizer:
-    return SimpleTokenizer(context_length=CONTEXT_LENGTH)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import warnings
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip.tokenizer import SimpleTokenizer
 from open_clip.zero_shot_classifier import build_zero_shot_classifier as open_clip_classifier
 
 from vlmtrain.eval.zeroshot import (
@@ -24,30 +22,7 @@ from vlmtrain.eval.zeroshot import (
     zero_shot_retrieval,
 )
 
-CONTEXT_LENGTH = 16
-CLASSNAMES = ["cat", "dog", "car", "tree", "boat", "plane", "house"]
-TEMPLATES = ["a photo of a {c}.", "a blurry drawing of the {c}.", "{c}"]
-
-
-def tiny_clip(seed: int = 0) -> open_clip.model.CLIP:
-    """A randomly initialised CLIP small enough for CPU tests (avg pooling keeps image features diverse)."""
-    torch.manual_seed(seed)
-    return open_clip.model.CLIP(
-        embed_dim=32,
-        vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32, pool_type="avg"),
-        text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=49408, width=32, heads=2, layers=1),
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def model() -> open_clip.model.CLIP:
-    return tiny_clip()
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> SimpleTokenizer:
-    return SimpleTokenizer(context_length=CONTEXT_LENGTH)
-
+from .conftest import CLASSNAMES, TEMPLATES, tiny_clip
 
 def as_open_clip_templates(templates: list[str]) -> list:
     """open_clip formats string templates positionally, so "{c}" templates must be callables there."""
