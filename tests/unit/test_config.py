@@ -8,10 +8,11 @@ from vlmtrain.config import ConfigError, load_train_config
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "train" / "demo.yaml"
 
 
-def test_demo_config_loads_with_the_tiny_preset():
+def test_demo_config_loads_the_tiny_preset_with_its_own_keys_on_top():
     cfg = load_train_config(DEMO)
     assert cfg.model.name == "tiny"
-    assert cfg.model.vision.width == 64 and cfg.model.text.context_length == 32
+    assert cfg.model.vision.width == 64 and cfg.model.text.width == 64  # from the preset
+    assert cfg.model.text.context_length == 24  # demo.yaml overrides the preset's 32
     assert cfg.zero_stage == 2
 
 
