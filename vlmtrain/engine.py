@@ -50,7 +50,7 @@ def train(cfg: TrainConfig) -> dict:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     global_batch = cfg.data.batch_size * env.world_size
 
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if env.is_main else None
+    metrics_file = (run_dir / "metrics.jsonl").open("w") if env.is_main else None
     bar = tqdm(total=cfg.steps, desc="train", unit="step", disable=not (env.is_main and cfg.progress))
     started = time.perf_counter()
     timed_from, timed_samples, skipped_total = None, 0, 0

@@ -217,6 +217,21 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
+def _labelled_batches(
+    dataset_dir: str | Path,
+    transform: Transform,
+    batch_size: int,
+    label: Callable[[dict[str, Any]], Item],
+    report: DecodeReport | None,
+) -> Iterator[tuple[torch.Tensor, list[Item]]]:
+    """``(images [B,3,H,W], [label(sample) ...])``; shard problems raise here, at call time."""
+    _check_batch_size(batch_size)
+    shards = shard_paths(dataset_dir)
+    samples = _decoded(dataset_dir, shards, transform, label, report if report is not None else DecodeReport())
+    return ((torch.stack([image for image, _ in batch]), [item for _, item in batch])
+            for batch in _batched(samples, batch_size))
+
+
 def classification_batches(
     dataset_dir: str | Path,
     transform: Transform,
@@ -228,13 +243,8 @@ def classification_batches(
     Missing shards raise ``EvalDataError`` here, at call time, not at first iteration.
     Pass a ``DecodeReport`` to learn which images were skipped.
     """
-    _check_batch_size(batch_size)
-    shards = shard_paths(dataset_dir)
-    samples = _decoded(dataset_dir, shards, transform, _class_index, report if report is not None else DecodeReport())
-    return (
-        (torch.stack([image for image, _ in batch]), torch.tensor([target for _, target in batch], dtype=torch.long))
-        for batch in _batched(samples, batch_size)
-    )
+    batches = _labelled_batches(dataset_dir, transform, batch_size, _class_index, report)
+    return ((images, torch.tensor(targets, dtype=torch.long)) for images, targets in batches)
 
 
 def retrieval_batches(
@@ -248,10 +258,4 @@ def retrieval_batches(
     Missing shards raise ``EvalDataError`` here, at call time, not at first iteration.
     Pass a ``DecodeReport`` to learn which images were skipped.
     """
-    _check_batch_size(batch_size)
-    shards = shard_paths(dataset_dir)
-    samples = _decoded(dataset_dir, shards, transform, _captions, report if report is not None else DecodeReport())
-    return (
-        (torch.stack([image for image, _ in batch]), [captions for _, captions in batch])
-        for batch in _batched(samples, batch_size)
-    )
+    return _labelled_batches(dataset_dir, transform, batch_size, _captions, report)
