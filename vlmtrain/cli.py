@@ -65,12 +65,13 @@ def train_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from vlmtrain.config import load_train_config
-    from vlmtrain.data import resolve_shards
+    from vlmtrain.data import check_enough_shards, resolve_shards
     from vlmtrain.dist import free_port, is_launched
 
     with user_errors("vlm-train"):
         cfg = load_train_config(args.config, args.overrides)
-        resolve_shards(cfg.data.train_shards)
+        world_size = int(os.environ.get("WORLD_SIZE", args.nproc_per_node))
+        check_enough_shards(resolve_shards(cfg.data.train_shards), world_size, cfg.data.workers)
         if is_launched() or args.nproc_per_node == 1:
             configure_runtime()
             from vlmtrain.engine import train

@@ -65,6 +65,14 @@ def resolve_shards(spec: str, key: str = "data.train_shards") -> list[str]:
     return shards
 
 
+def check_enough_shards(shards: list[str], dp_size: int, workers: int) -> None:
+    """Every loader worker of every rank reads whole shards, so each needs at least one."""
+    readers = dp_size * max(workers, 1)
+    if len(shards) < readers:
+        raise DataError(f"data.train_shards: {len(shards)} shard(s) cannot feed {dp_size} rank(s) × "
+                        f"{max(workers, 1)} worker(s); write more shards or lower data.workers")
+
+
 def decode_image(sample: dict) -> Image.Image | None:
     for key in IMAGE_KEYS:
         if key in sample:
@@ -131,10 +139,7 @@ class TrainStream(IterableDataset):
 def build_train_loader(cfg: DataConfig, vision: VisionConfig, text: TextConfig, *, dp_rank: int,
                        dp_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     shards = resolve_shards(cfg.train_shards)
-    readers = dp_size * max(cfg.workers, 1)
-    if len(shards) < readers:
-        raise DataError(f"data.train_shards: {len(shards)} shard(s) cannot feed {dp_size} rank(s) × "
-                        f"{max(cfg.workers, 1)} worker(s); write more shards or lower data.workers")
+    check_enough_shards(shards, dp_size, cfg.workers)
     stream = TrainStream(shards, dp_rank, dp_size, seed, cfg.shuffle_buffer,
                          make_image_transform(vision, train=True), make_tokenizer(text))
     loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,

@@ -30,6 +30,13 @@ def test_train_with_an_empty_shard_directory(tmp_path):
     assert_one_clear_error(result, "vlm-train", "no .tar shards", "empty")
 
 
+def test_train_with_fewer_shards_than_ranks_fails_before_launching_ranks(tmp_path, small_corpus):
+    one_shard = small_corpus / "train" / "shard-000000.tar"
+    result = run_tool("vlm-train", "--config", "configs/train/demo.yaml", "--nproc-per-node", "2",
+                      f"data.train_shards={one_shard}", "data.workers=1", f"output_dir={tmp_path / 'run'}")
+    assert_one_clear_error(result, "vlm-train", "1 shard(s) cannot feed 2 rank(s)")
+
+
 def test_train_with_a_bad_config_value_fails_before_launching_ranks(tmp_path):
     result = run_tool("vlm-train", "--config", "configs/train/demo.yaml", "--nproc-per-node", "2",
                       "zero_stage=4", f"output_dir={tmp_path / 'run'}")
