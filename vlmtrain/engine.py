@@ -6,7 +6,6 @@ DeepSpeed config that ``parallel.py`` builds.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from vlmtrain.models.clip import LOGIT_SCALE_MAX
 from vlmtrain.models.registry import build_model
 from vlmtrain.optim import build_optimizer, build_scheduler
 from vlmtrain.parallel import build_deepspeed_config
-
-log = logging.getLogger(__name__)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -105,7 +102,7 @@ def clamp_logit_scale(engine) -> None:
     master = safe_get_full_fp32_param(param)
     if master is not None:
         safe_set_full_fp32_param(param, master.clamp(0, LOGIT_SCALE_MAX))
-    param.clamp_(0, LOGIT_SCALE_MAX)
+    engine.module.clamp_logit_scale()
 
 
 def samples_per_second(samples: int, since: float | None) -> float:
