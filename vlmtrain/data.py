@@ -67,10 +67,10 @@ def resolve_shards(spec: str, key: str = "data.train_shards") -> list[str]:
 
 def check_enough_shards(shards: list[str], dp_size: int, workers: int) -> None:
     """Every loader worker of every rank reads whole shards, so each needs at least one."""
-    readers = dp_size * max(workers, 1)
-    if len(shards) < readers:
+    workers = max(workers, 1)  # workers=0 reads in the main process: still one reader
+    if len(shards) < dp_size * workers:
         raise DataError(f"data.train_shards: {len(shards)} shard(s) cannot feed {dp_size} rank(s) × "
-                        f"{max(workers, 1)} worker(s); write more shards or lower data.workers")
+                        f"{workers} worker(s); write more shards or lower data.workers")
 
 
 def decode_image(sample: dict) -> Image.Image | None:

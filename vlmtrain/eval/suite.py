@@ -11,15 +11,14 @@ from typing import Any, Callable
 
 import torch
 
-from vlmtrain.eval.datasets import (DecodeReport, EvalDataError, classification_batches,
-                                    load_classnames_and_templates, retrieval_batches)
+from vlmtrain.eval.datasets import (CLASSNAMES_FILE, SPLIT_DIR, DecodeReport, EvalDataError,
+                                    classification_batches, load_classnames_and_templates,
+                                    retrieval_batches)
 from vlmtrain.eval.zeroshot import zero_shot_classification, zero_shot_retrieval
-
-CLASSNAMES_FILE = "classnames.txt"
 
 
 def is_dataset_dir(path: Path) -> bool:
-    return (path / "test").is_dir() or (path / CLASSNAMES_FILE).is_file()
+    return (path / SPLIT_DIR).is_dir() or (path / CLASSNAMES_FILE).is_file()
 
 
 def discover_datasets(root: str | Path) -> list[Path]:
