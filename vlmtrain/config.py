@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,11 +69,17 @@ def _check_heads(prefix: str, width: int, heads: int) -> None:
 
 @dataclass
 class ModelConfig:
-    """A CLIP model. ``name`` picks a preset from the registry; other keys override it."""
+    """A CLIP model. ``name`` picks a preset from the registry; other keys override it.
+
+    ``init_logit_scale`` is log(1/temperature). ``init_logit_bias`` adds the learnable bias that the
+    SigLIP loss needs; ``loss: siglip`` sets both to SigLIP's init (log 10, -10) unless given.
+    """
     name: str = "tiny"
     embed_dim: int = field(default=64, metadata=_at_least(1))
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None
 
 
 @dataclass

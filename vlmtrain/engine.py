@@ -53,9 +53,9 @@ def train(cfg: TrainConfig) -> dict:
     timed_from, timed_samples, skipped_total = None, 0, 0
     for step in range(1, cfg.steps + 1):
         images, tokens, skipped = next(batches)
-        image_features, text_features, logit_scale = engine(images.to(engine.device, dtype),
-                                                            tokens.to(engine.device))
-        loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+        out = engine(images.to(engine.device, dtype), tokens.to(engine.device))
+        logit_scale = out["logit_scale"]
+        loss = loss_fn(out["image_features"].float(), out["text_features"].float(), logit_scale.float())
         engine.backward(loss)
         engine.step()
         clamp_logit_scale(engine)

@@ -1,4 +1,5 @@
 """Model towers: shapes, the [1]-shaped logit scale, and the causal text tower."""
+import dataclasses
 import math
 
 import pytest
@@ -22,11 +23,20 @@ def test_forward_returns_normalized_features_and_scale():
     model = build_model(cfg)
     tokens = make_tokenizer(cfg.text)(["a red circle", "a blue star on the left", "seven"])
     images = torch.randn(3, 3, 32, 32)
-    image_features, text_features, scale = model(images, tokens)
+    out = model(images, tokens)
+    image_features, text_features, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    assert "logit_bias" not in out
     assert image_features.shape == text_features.shape == (3, cfg.embed_dim)
     torch.testing.assert_close(image_features.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(text_features.norm(dim=-1), torch.ones(3))
     assert scale.shape == (1,) and math.isclose(scale.item(), 1 / 0.07, rel_tol=1e-5)
+
+
+def test_siglip_models_carry_a_learnable_bias():
+    cfg = dataclasses.replace(tiny_config(), init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    out = build_model(cfg)(torch.randn(2, 3, 32, 32), make_tokenizer(cfg.text)(["a", "b"]))
+    assert out["logit_bias"].shape == (1,) and out["logit_bias"].item() == -10.0
+    assert math.isclose(out["logit_scale"].item(), 10.0, rel_tol=1e-5)
 
 
 def test_logit_scale_is_one_dimensional_for_deepspeed():
