@@ -1,4 +1,4 @@
-"""The demo behind `make demo`: generate a corpus, train a tiny CLIP on 2 ranks, evaluate zero-shot.
+"""The demo behind `make demo`: generate a corpus, curate it, train a tiny CLIP on 2 ranks, evaluate zero-shot.
 
 Each phase is the real command-line tool a user would run. A rerun reuses finished phases
 (the corpus when its seed and size match, the trained model when its resolved config matches),
@@ -16,9 +16,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_pipeline.cli import format_funnel  # noqa: E402
+from data_pipeline.config import load_curate_config  # noqa: E402
 from vlmtrain.config import load_train_config, to_dict  # noqa: E402
 
 DEMO_CONFIG = REPO / "configs" / "train" / "demo.yaml"
+CURATE_CONFIG = REPO / "configs" / "curate" / "demo.yaml"
 
 
 def tool(name: str) -> str:
@@ -50,6 +53,13 @@ def run_is_current(run_dir: Path, overrides: list[str]) -> bool:
     return json.loads(saved.read_text()) == to_dict(load_train_config(DEMO_CONFIG, overrides))
 
 
+def curation_is_current(curated: Path, overrides: list[str]) -> bool:
+    manifest = curated / "manifest.json"
+    if not manifest.is_file():
+        return False
+    return json.loads(manifest.read_text())["config"] == to_dict(load_curate_config(CURATE_CONFIG, overrides))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="where the corpus, run and results go")
@@ -60,8 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
-    data, run_dir, results = out / "data", out / "run", out / "results.json"
-    overrides = [f"data.train_shards={data / 'train'}", f"output_dir={run_dir}", f"seed={args.seed}",
+    data, curated, run_dir, results = out / "data", out / "curated", out / "run", out / "results.json"
+    curate_overrides = [f"output_dir={curated}", f"sources=[{{format: webdataset, path: '{data / 'train'}'}}]"]
+    overrides = [f"data.train_shards={curated / 'shards'}", f"output_dir={run_dir}", f"seed={args.seed}",
                  *args.overrides]
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -72,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         timings["data"] = run("data", [sys.executable, str(REPO / "tools" / "make_demo_data.py"),
                                        "--out", str(data), "--seed", str(args.seed),
                                        "--num-train", str(args.num_train), "--force"])
+    if "data" not in timings and curation_is_current(curated, curate_overrides):
+        print(f"== curate: reusing {curated} (same config)")
+    else:
+        timings["curate"] = run("curate", [tool("vlm-curate"), "run", str(CURATE_CONFIG), *curate_overrides])
     if run_is_current(run_dir, overrides):
         print(f"== train: reusing {run_dir} (same resolved config); delete it to retrain")
     else:
@@ -82,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(summary(json.loads(results.read_text()), json.loads((run_dir / "train_summary.json").read_text()),
                   timings, time.perf_counter() - started))
+    funnel = json.loads((curated / "manifest.json").read_text())["funnel"]
+    print(f"\ncuration ({curated}):\n{format_funnel(funnel)}")
 
 
 def summary(records: list[dict], train: dict, timings: dict[str, float], total: float) -> str:

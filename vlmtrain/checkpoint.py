@@ -1,16 +1,26 @@
-"""Saving training state and exporting/loading model weights.
+"""Saving and resuming training state; exporting and loading model weights.
 
-Training state is DeepSpeed's own checkpoint (all ranks write their shards). The exported model is
-a ``model.safetensors`` file plus ``vlmtrain.json`` (model config and run metadata): loading it
-never unpickles anything.
+A training checkpoint is DeepSpeed's own (every rank writes its ZeRO shard) plus our sidecar:
+``vlmtrain_state.json`` (step, every rank's data cursor, resolved config, data fingerprint) and
+one ``rng_rank*.pt`` per rank. It is written under ``checkpoints/.staging/<tag>``, renamed into
+place once every rank has finished, and only then named by ``checkpoints/latest`` (replaced
+atomically), so a kill at any moment leaves the previous ``latest`` whole. The newest ``keep``
+checkpoints are kept.
+
+The exported model is a ``model.safetensors`` file plus ``vlmtrain.json`` (model config and run
+metadata): loading it never unpickles anything.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -19,15 +29,111 @@ from vlmtrain.config import ConfigError, ModelConfig, from_dict, to_dict
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "vlmtrain.json"
 EXPORT_DIR = "final"
+CHECKPOINTS_DIR = "checkpoints"
+STAGING_DIR = ".staging"
+LATEST_FILE = "latest"  # DeepSpeed's convention: a text file holding the newest tag
+SIDECAR_FILE = "vlmtrain_state.json"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or unreadable; the message names the path."""
 
 
-def save_training_state(engine, run_dir: Path, step: int, client_state: dict) -> None:
-    """Collective: every rank writes its DeepSpeed shard under ``run_dir/checkpoints``."""
-    engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:07d}", client_state=client_state)
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_training_state(engine, run_dir: Path, step: int, sidecar: dict, keep: int) -> Path:
+    """Collective: write the checkpoint of ``step``, publish it as ``latest``, prune to ``keep``."""
+    root = run_dir / CHECKPOINTS_DIR
+    tag = checkpoint_tag(step)
+    staging = root / STAGING_DIR
+    if engine.global_rank == 0:
+        shutil.rmtree(staging / tag, ignore_errors=True)  # left by a run killed mid-write
+    _barrier()
+    engine.save_checkpoint(str(staging), tag=tag, save_latest=False)  # ends with a barrier
+    torch.save(_rng_state(), staging / tag / f"rng_rank{engine.global_rank}.pt")
+    _barrier()
+    final = root / tag
+    if engine.global_rank == 0:
+        (staging / tag / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging / tag, final)
+        _write_atomically(root / LATEST_FILE, tag)
+        _prune(root, keep)
+    _barrier()
+    return final
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in tags[:-keep]:
+        shutil.rmtree(old)
+
+
+def _rng_state() -> dict:
+    # The loader seeds augmentation by sample position; these cover model-side randomness (dropout).
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng_state(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class ResumePoint:
+    root: Path  # the checkpoints directory DeepSpeed loads from
+    tag: str
+    sidecar: dict
+
+
+def find_resume_point(resume: str, run_dir: Path) -> ResumePoint | None:
+    """``latest`` (None when the run has no checkpoint yet) or an explicit checkpoint directory."""
+    if resume == "latest":
+        root = run_dir / CHECKPOINTS_DIR
+        latest = root / LATEST_FILE
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"resume={resume}: no such checkpoint directory")
+        root, tag = path.parent, path.name
+    sidecar_path = root / tag / SIDECAR_FILE
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"resume={resume}: unreadable {sidecar_path} ({err}); "
+                              "is this a vlm-train checkpoint?") from None
+    return ResumePoint(root, tag, sidecar)
+
+
+def load_training_state(engine, point: ResumePoint) -> None:
+    """Collective: restore model, optimizer, scheduler and this rank's RNG from ``point``."""
+    load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {point.root / point.tag}")
+    _restore_rng_state(point.root / point.tag / f"rng_rank{engine.global_rank}.pt")
 
 
 def export_model(engine, model_cfg: ModelConfig, out_dir: Path, metadata: dict) -> None:

@@ -25,6 +25,15 @@ overrides:
   Any config key can be set as key.sub=value after the options, e.g.
     vlm-train --config configs/train/demo.yaml steps=200 optim.lr=5e-4 zero_stage=1
   Values are parsed as YAML. Unknown keys and invalid values are rejected before training starts.
+  Often used: loss=siglip, zero_stage=0..3, precision=bf16, optim.grad_accum_steps=N,
+  optim.grad_clip=1.0, optim.offload=true, checkpoint.every=N, checkpoint.keep=K,
+  eval.every=N eval.datasets=[DIR,...], data.sources=[{shards: DIR, weight: W},...], data.resample=true.
+
+resuming:
+  resume=latest continues the run in output_dir from its newest complete checkpoint (or starts
+  it when there is none), exactly: same data order, same losses. resume=RUN/checkpoints/step_N
+  picks a checkpoint. SIGTERM or SIGUSR1 (SLURM's pre-emption warning) saves at the end of the
+  current step and exits; rerun with resume=latest.
 
 launching:
   Under torchrun or the deepspeed launcher, vlm-train runs as one worker of the job.
@@ -65,13 +74,17 @@ def train_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from vlmtrain.config import load_train_config
-    from vlmtrain.data import check_enough_shards, resolve_shards
+    from vlmtrain.data import check_enough_shards, resolve_sources
     from vlmtrain.dist import free_port, is_launched
 
     with user_errors("vlm-train"):
         cfg = load_train_config(args.config, args.overrides)
         world_size = int(os.environ.get("WORLD_SIZE", args.nproc_per_node))
-        check_enough_shards(resolve_shards(cfg.data.train_shards), world_size, cfg.data.workers)
+        check_enough_shards(cfg.data, resolve_sources(cfg.data), world_size)
+        if cfg.eval.every:
+            from vlmtrain.eval.suite import resolve_eval_sets
+
+            resolve_eval_sets(cfg.eval.datasets)  # a wrong path fails now, not at the first eval
         if is_launched() or args.nproc_per_node == 1:
             configure_runtime()
             from vlmtrain.engine import train
@@ -87,42 +100,83 @@ def train_main(argv: list[str] | None = None) -> None:
     sys.exit(subprocess.call(command, env=env))
 
 
+EVAL_EPILOG = """\
+models (one of):
+  --checkpoint RUN                   a vlm-train run: its export (RUN/final), else its latest DeepSpeed checkpoint
+  --checkpoint RUN/final             an exported model (model.safetensors + vlmtrain.json)
+  --checkpoint RUN/checkpoints [--tag step_0000900]   a DeepSpeed checkpoint (ZeRO 0-3), newest tag by default
+  --model ViT-B-32 --pretrained FILE an open_clip model with a local weights file
+  --model local-dir:DIR              an open_clip folder (open_clip_config.json + weights)
+
+eval sets (--data, one or more; a directory holding several sets is searched one level deep):
+  DIR/test/*.tar            webdataset in CLIP_benchmark's layout; classification when DIR has
+                            classnames.txt/.json (+ zeroshot_classification_templates.txt/.json)
+  DIR/<class>/<image>       ImageNet-style image folder (classes = sorted folder names)
+  FILE.csv / FILE.tsv       filepath + label (classification) or filepath + caption (retrieval)
+
+--classnames / --templates take a .txt (one per line) or CLIP_benchmark-style .json file, or a
+built-in name: imagenet (OpenAI's 1000 class names / 80 templates), imagenet_simple (templates).
+They apply to every classification set given; use tools/zeroshot_eval.py for per-set settings.
+"""
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser, classification: bool) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a vlm-train run, export or DeepSpeed checkpoint directory")
+    source.add_argument("--model", help="an open_clip model name (with --pretrained FILE) or local-dir:DIR")
+    parser.add_argument("--pretrained", help="local weights file for --model")
+    parser.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the newest, from 'latest')")
+    parser.add_argument("--data", required=True, nargs="+", help="eval sets, or directories holding several")
+    if classification:
+        parser.add_argument("--classnames", help="class names: .txt/.json file or built-in name (imagenet)")
+        parser.add_argument("--templates", help="prompt templates: .txt/.json file or built-in name (imagenet)")
+    parser.add_argument("--out", help="write the results as JSON here (confusion PNGs go next to it)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images (and texts) per forward (default 256)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def eval_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="vlm-eval", description="Evaluate a trained model zero-shot (CLIP_benchmark conventions).")
+        prog="vlm-eval", description="Evaluate a model zero-shot, with CLIP_benchmark's metrics and conventions.")
     commands = parser.add_subparsers(dest="command", required=True)
-    zeroshot = commands.add_parser(
-        "zeroshot", help="zero-shot classification and retrieval on eval sets",
-        description="Classification sets (classnames.txt + zeroshot_classification_templates.txt + "
-                    "test/*.tar with cls) get top-1/top-5/mean-per-class recall; retrieval sets "
-                    "(test/*.tar with several captions per image in txt) get recall@1/5/10 both ways.")
-    zeroshot.add_argument("--checkpoint", required=True,
-                          help="a vlm-train run directory, or its exported final/ directory")
-    zeroshot.add_argument("--data", required=True, nargs="+",
-                          help="eval dataset directories, or directories holding several")
-    zeroshot.add_argument("--out", help="write the results as JSON here")
-    zeroshot.add_argument("--batch-size", type=int, default=256)
-    zeroshot.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for name, help_text, description in (
+        ("zeroshot", "zero-shot classification and retrieval",
+         "Classification sets get top-1/top-5/mean-per-class recall (template-ensemble classifier, "
+         "logits = 100 * image . class weight); retrieval sets get recall@1/5/10 both ways."),
+        ("retrieval", "image-text retrieval only",
+         "Retrieval sets get image->text and text->image recall@1/5/10 (an image may have several "
+         "captions: it is a hit when any of them is in the top k)."),
+    ):
+        command = commands.add_parser(name, help=help_text, description=description, epilog=EVAL_EPILOG,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_eval_arguments(command, classification=name == "zeroshot")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if args.pretrained and not args.model:
+        parser.error("--pretrained goes with --model (an open_clip model name)")
 
     configure_runtime()
-    import json
-    from pathlib import Path
+    import torch
 
-    from vlmtrain.checkpoint import load_exported
-    from vlmtrain.data import make_image_transform, make_tokenizer
-    from vlmtrain.eval.suite import evaluate_all, format_table
+    from vlmtrain.eval.checkpoints import load_eval_model
+    from vlmtrain.eval.datasets import RETRIEVAL
+    from vlmtrain.eval.suite import evaluate_all, format_table, resolve_eval_sets, write_results
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with user_errors("vlm-eval"):
-        model, model_cfg, _ = load_exported(args.checkpoint)
-        records = evaluate_all(model, make_tokenizer(model_cfg.text),
-                               make_image_transform(model_cfg.vision, train=False), args.data,
-                               model_name=str(args.checkpoint), batch_size=args.batch_size,
-                               progress=not args.no_progress)
+        options = ({"classnames": args.classnames, "templates": args.templates} if args.command == "zeroshot"
+                   else {})
+        eval_sets = resolve_eval_sets(args.data, RETRIEVAL if args.command == "retrieval" else None, **options)
+        loaded = load_eval_model(args.checkpoint, tag=args.tag, model=args.model, pretrained=args.pretrained,
+                                 device=device)
+        records = evaluate_all(loaded.model, loaded.tokenizer, loaded.transform, eval_sets, model_name=loaded.name,
+                               batch_size=args.batch_size, progress=not args.no_progress, device=device)
     print(format_table(records))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(records, indent=2))
+        pictures = write_results(records, args.out)
+        print(f"\nresults: {args.out}" + "".join(f"\nconfusion matrix: {p}" for p in pictures))
 
 
 if __name__ == "__main__":

@@ -83,11 +83,34 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One training source: its shards (directory, brace pattern or glob) and its mixing weight."""
+    shards: str = field(default="", metadata={"required": True})
+    weight: float = field(default=1.0, metadata=_at_least(0.0))
+
+
+@dataclass
 class DataConfig:
-    train_shards: str = field(default="", metadata={"required": True})
-    batch_size: int = field(default=64, metadata=_at_least(1))  # per data-parallel rank
+    """Training data: ``train_shards`` for one source, or ``sources`` to mix several by weight."""
+    train_shards: str = ""
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Draw shards with replacement, endlessly, instead of whole-shard-list epochs.
+    resample: bool = False
+    batch_size: int = field(default=64, metadata=_at_least(1))  # micro-batch per data-parallel rank
     workers: int = field(default=1, metadata=_at_least(0))
     shuffle_buffer: int = field(default=1000, metadata=_at_least(0))
+    # Write the keys of every trained sample to RUN/sample_keys/rank*.jsonl (data audits).
+    record_keys: bool = False
+
+    def check(self) -> None:
+        if bool(self.train_shards) == bool(self.sources):
+            raise ConfigError("give exactly one of data.train_shards (one source) and data.sources "
+                              "(a list of {shards, weight})")
+        if self.sources and not any(source.weight > 0 for source in self.sources):
+            raise ConfigError("data.sources: at least one weight must be > 0")
+
+    def source_list(self) -> list[SourceConfig]:
+        return self.sources or [SourceConfig(shards=self.train_shards)]
 
 
 @dataclass
@@ -98,6 +121,31 @@ class OptimConfig:
     beta2: float = field(default=0.98, metadata=_between(0.0, 1.0))
     eps: float = field(default=1e-6, metadata=_between(0.0, 1.0))
     warmup_steps: int = field(default=50, metadata=_at_least(0))
+    grad_accum_steps: int = field(default=1, metadata=_at_least(1))
+    # Max global gradient norm; 0 = off. 1.0 is also DeepSpeed's own default, which tiny CLIPs need.
+    grad_clip: float = field(default=1.0, metadata=_at_least(0.0))
+    offload: bool = False  # keep optimizer state and step in CPU memory (ZeRO >= 1)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = field(default=0, metadata=_at_least(0))  # steps between saves; 0 = only at the end
+    keep: int = field(default=3, metadata=_at_least(1))  # newest checkpoints kept on disk
+
+
+@dataclass
+class EvalConfig:
+    """Zero-shot evaluation during training (CLIP_benchmark-layout dataset directories)."""
+    every: int = field(default=0, metadata=_at_least(0))  # steps; 0 = never
+    datasets: list[str] = field(default_factory=list)
+    batch_size: int = field(default=256, metadata=_at_least(1))
+
+
+@dataclass
+class MetricsConfig:
+    tensorboard: bool = True
+    # Peak FLOP/s of one device, for MFU; 0 = look the GPU up in a table (no MFU on CPU).
+    peak_tflops: float = field(default=0.0, metadata=_at_least(0.0))
 
 
 @dataclass
@@ -105,6 +153,12 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: str = field(default="clip", metadata=_choices("clip", "siglip"))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # "latest" or a checkpoint directory (RUN/checkpoints/step_0000100) to continue from.
+    resume: str = ""
     steps: int = field(default=100, metadata=_at_least(1))
     zero_stage: int = field(default=2, metadata=_choices(0, 1, 2, 3))
     precision: str = field(default="fp32", metadata=_choices("fp32", "bf16"))
@@ -116,8 +170,18 @@ class TrainConfig:
     def check(self) -> None:
         self.model.vision.check("model.vision")
         self.model.text.check("model.text")
+        self.data.check()
         if self.optim.warmup_steps > self.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
+        if self.loss == "siglip" and self.model.init_logit_bias is None:
+            raise ConfigError("loss=siglip needs model.init_logit_bias (SigLIP's learnable bias)")
+        if self.loss == "clip" and self.model.init_logit_bias is not None:
+            raise ConfigError("model.init_logit_bias is only used by loss=siglip; remove it for loss=clip")
+        if self.optim.offload and self.zero_stage == 0:
+            raise ConfigError("optim.offload=true needs zero_stage >= 1 (ZeRO partitions what is offloaded)")
+        if self.precision == "bf16" and self.zero_stage == 0:
+            # DeepSpeed 0.19's bf16 optimizer without ZeRO cannot reload its checkpoints.
+            raise ConfigError("precision=bf16 needs zero_stage >= 1 (DeepSpeed cannot resume bf16 at ZeRO 0)")
 
 
 # ---------------------------------------------------------------- loading
@@ -139,6 +203,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     for item in overrides:
         apply_override(raw, item)
     raw = _resolve_model_preset(raw)
+    _apply_loss_defaults(raw)
     cfg = from_dict(TrainConfig, raw)
     cfg.check()
     return cfg
@@ -169,6 +234,16 @@ def _resolve_model_preset(raw: dict) -> dict:
     resolved = dict(raw)
     resolved["model"] = _deep_merge(preset_dict(name), model)
     return resolved
+
+
+SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
+
+
+def _apply_loss_defaults(raw: dict) -> None:
+    """``loss: siglip`` alone is enough: the model gets SigLIP's init unless the user set it."""
+    if raw.get("loss") == "siglip":
+        for key, value in SIGLIP_INIT.items():
+            raw["model"].setdefault(key, value)
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -210,7 +285,14 @@ def _coerce(kind: Any, value: Any, dotted: str) -> Any:
     if dataclasses.is_dataclass(kind):
         return from_dict(kind, value, dotted)
     if isinstance(kind, types.UnionType):
+        if value is None and type(None) in typing.get_args(kind):
+            return None
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {dotted!r} must be a list, got {value!r}")
+        (item_kind,) = typing.get_args(kind)
+        return [_coerce(item_kind, item, f"{dotted}[{i}]") for i, item in enumerate(value)]
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -1,18 +1,28 @@
-"""Training data: webdataset shards → (image tensor, token ids) batches, split by data-parallel rank.
+"""Training data: webdataset shards → (image, tokens) micro-batches for one data-parallel rank.
 
-Shards are split by *data-parallel* rank (not global rank) so that tensor/pipeline peers see the
-same batch. The order is a pure function of (seed, epoch, dp_rank, worker): every epoch the shard
-list is permuted with (seed, epoch), each rank takes every dp_size-th shard, and each loader
-worker every num_workers-th of those. The stream is endless; the trainer counts steps.
+The sample order is a pure function of (seed, data-parallel rank, loader worker, position):
+
+* Each *reader slot* (one per rank × loader worker) follows an endless shard sequence per source:
+  whole-list epochs, each a fresh permutation split across slots (every shard once per epoch), or,
+  with ``resample``, shards drawn with replacement.
+* Shard samples pass a seeded shuffle buffer; several sources are interleaved by a seeded weighted
+  choice per position; random augmentation is seeded per position too.
+
+So the loader's whole state is a cursor: how many raw samples each slot has consumed (corrupt ones
+included) and which worker's batch comes next. Resuming replays the raw stream up to the cursor
+without decoding, and the run continues as if it had never stopped. Tensor/pipeline peers share a
+data-parallel rank, so they see the same batches.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import itertools
 import logging
+import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -65,12 +75,36 @@ def resolve_shards(spec: str, key: str = "data.train_shards") -> list[str]:
     return shards
 
 
-def check_enough_shards(shards: list[str], dp_size: int, workers: int) -> None:
-    """Every loader worker of every rank reads whole shards, so each needs at least one."""
-    workers = max(workers, 1)  # workers=0 reads in the main process: still one reader
-    if len(shards) < dp_size * workers:
-        raise DataError(f"data.train_shards: {len(shards)} shard(s) cannot feed {dp_size} rank(s) × "
-                        f"{workers} worker(s); write more shards or lower data.workers")
+def resolve_sources(cfg: DataConfig) -> list[list[str]]:
+    """The shard list of every source, in config order."""
+    if cfg.train_shards:
+        return [resolve_shards(cfg.train_shards)]
+    return [resolve_shards(source.shards, f"data.sources[{i}].shards")
+            for i, source in enumerate(cfg.sources)]
+
+
+def check_enough_shards(cfg: DataConfig, sources: list[list[str]], dp_size: int) -> None:
+    """Epoch mode splits each source's shards across reader slots, so each slot needs one."""
+    if cfg.resample:
+        return  # every slot draws from the whole list
+    slots = dp_size * max(cfg.workers, 1)  # workers=0 reads in the main process: one slot
+    for i, shards in enumerate(sources):
+        if len(shards) < slots:
+            key = "data.train_shards" if cfg.train_shards else f"data.sources[{i}].shards"
+            raise DataError(f"{key}: {len(shards)} shard(s) cannot feed {dp_size} rank(s) × "
+                            f"{max(cfg.workers, 1)} worker(s); write more shards, lower data.workers "
+                            f"or set data.resample=true")
+
+
+def data_fingerprint(cfg: DataConfig, sources: list[list[str]]) -> str:
+    """Hash of what the data is (shard names, sizes, weights, order options), for resume checks."""
+    digest = hashlib.sha256()
+    weights = [s.weight for s in cfg.source_list()]
+    digest.update(repr((cfg.resample, cfg.shuffle_buffer, weights)).encode())
+    for shards in sources:
+        for shard in shards:
+            digest.update(f"{Path(shard).name}:{os.path.getsize(shard)};".encode())
+    return digest.hexdigest()[:16]
 
 
 def decode_image(sample: dict) -> Image.Image | None:
@@ -95,53 +129,147 @@ def decode_caption(sample: dict) -> str | None:
         return None
 
 
+def sample_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+@dataclass
+class ReaderSlot:
+    """The raw, endless sample stream of one (rank, worker) slot: a pure function of its arguments."""
+    sources: list[list[str]]
+    weights: list[float]
+    slot: int
+    num_slots: int
+    seed: int
+    resample: bool
+    shuffle_buffer: int
+
+    def samples(self) -> Iterator[dict]:
+        streams = [self._source_samples(i) for i in range(len(self.sources))]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        chooser = np.random.default_rng([self.seed, self.slot, 1_000_003])
+        probabilities = np.asarray(self.weights) / sum(self.weights)
+        while True:
+            yield next(streams[chooser.choice(len(streams), p=probabilities)])
+
+    def _source_samples(self, source: int) -> Iterator[dict]:
+        urls = ({"url": url} for url in self._shard_sequence(source))
+        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(urls)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}/{source}/{self.slot}")
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        return iter(samples)
+
+    def _shard_sequence(self, source: int) -> Iterator[str]:
+        shards = self.sources[source]
+        if self.resample:
+            rng = np.random.default_rng([self.seed, source, self.slot])
+            while True:
+                yield shards[rng.integers(len(shards))]
+        for epoch in itertools.count():
+            order = np.random.default_rng([self.seed, source, epoch]).permutation(len(shards))
+            yield from (shards[i] for i in order[self.slot::self.num_slots])
+
+
 @dataclass
 class TrainStream(IterableDataset):
-    """Endless stream of ``(image, tokens, skipped_before)`` for one data-parallel rank.
+    """One rank's samples as ``(image, tokens, key, worker, position, skipped_before)``.
 
-    ``skipped_before`` counts the corrupt samples dropped since the previous yield, so the
-    trainer can sum it per batch without any side channel out of loader workers.
+    ``worker`` is the *logical* reader slot within the rank and ``position`` the number of raw
+    samples that slot has consumed after this one; ``skipped_before`` counts corrupt samples dropped
+    since the previous yield. ``start_positions`` (one per logical worker) resumes mid-stream;
+    ``worker_offset`` makes DataLoader worker w play logical worker (w + offset) % workers, so the
+    round-robin batch order continues where the cursor says.
     """
-    shards: list[str]
+    sources: list[list[str]]
+    weights: list[float]
     dp_rank: int
     dp_size: int
+    workers: int
     seed: int
+    resample: bool
     shuffle_buffer: int
     transform: Callable[[Image.Image], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
+    start_positions: list[int] = field(default_factory=list)
+    worker_offset: int = 0
 
     def __post_init__(self) -> None:
         super().__init__()
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = ((info.id if info else 0) + self.worker_offset) % self.workers
+        slot = self.dp_rank * self.workers + worker
+        reader = ReaderSlot(self.sources, self.weights, slot, self.dp_size * self.workers, self.seed,
+                            self.resample, self.shuffle_buffer)
+        start = self.start_positions[worker] if self.start_positions else 0
+        raw = itertools.islice(reader.samples(), start, None)  # replay without decoding
         skipped = 0
-        for epoch in itertools.count():
-            for sample in self._epoch_samples(epoch, worker, workers):
-                image, caption = decode_image(sample), decode_caption(sample)
-                if image is None or caption is None:
-                    skipped += 1
-                    continue
-                yield self.transform(image), self.tokenizer([caption])[0], skipped
-                skipped = 0
+        for position, sample in enumerate(raw, start=start + 1):
+            image, caption = decode_image(sample), decode_caption(sample)
+            if image is None or caption is None:
+                skipped += 1
+                continue
+            torch.manual_seed(sample_seed(self.seed, slot, position))  # augmentation by position
+            key = f"{Path(sample.get('__url__', '')).name}/{sample.get('__key__')}"
+            yield self.transform(image), self.tokenizer([caption])[0], key, worker, position, skipped
+            skipped = 0
 
-    def _epoch_samples(self, epoch: int, worker: int, workers: int) -> Iterator[dict]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        mine = [self.shards[i] for i in order[self.dp_rank::self.dp_size][worker::workers]]
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter([{"url": u} for u in mine]))
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}/{epoch}/{self.dp_rank}/{worker}")
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        return samples
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    tokens: torch.Tensor
+    keys: list[str]
+    skipped: int  # corrupt samples dropped while filling this batch
+
+
+@dataclass
+class LoaderCursor:
+    """Where a rank's loader stands: raw samples consumed per logical worker, next worker."""
+    positions: list[int]
+    next_worker: int = 0
+
+    def to_dict(self) -> dict:
+        return {"positions": list(self.positions), "next_worker": self.next_worker}
+
+
+class TrainLoader:
+    """Iterator of ``Batch`` that tracks its own cursor, so it can be saved and resumed exactly."""
+
+    def __init__(self, stream: TrainStream, batch_size: int, num_workers: int):
+        self.cursor = LoaderCursor(positions=list(stream.start_positions) or [0] * stream.workers,
+                                   next_worker=stream.worker_offset)
+        self._loader = iter(DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0, drop_last=True))
+
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        images, tokens, keys, workers, positions, skipped = next(self._loader)
+        worker = int(workers[-1])
+        self.cursor.positions[worker] = int(positions[-1])
+        self.cursor.next_worker = (worker + 1) % len(self.cursor.positions)
+        return Batch(images, tokens, list(keys), int(skipped.sum()))
 
 
 def build_train_loader(cfg: DataConfig, vision: VisionConfig, text: TextConfig, *, dp_rank: int,
-                       dp_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    shards = resolve_shards(cfg.train_shards)
-    check_enough_shards(shards, dp_size, cfg.workers)
-    stream = TrainStream(shards, dp_rank, dp_size, seed, cfg.shuffle_buffer,
-                         make_image_transform(vision, train=True), make_tokenizer(text))
-    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,
-                        persistent_workers=cfg.workers > 0, drop_last=True)
-    return iter(loader)
+                       dp_size: int, seed: int, cursor: dict | None = None) -> TrainLoader:
+    """The rank's loader, resumed from ``cursor`` (a ``LoaderCursor.to_dict()``) when given."""
+    sources = resolve_sources(cfg)
+    check_enough_shards(cfg, sources, dp_size)
+    workers = max(cfg.workers, 1)
+    start_positions, offset = [], 0
+    if cursor is not None:
+        if len(cursor["positions"]) != workers:
+            raise DataError(f"the checkpoint's data cursor was written with {len(cursor['positions'])} "
+                            f"loader worker(s) per rank; resume with data.workers={len(cursor['positions'])}")
+        start_positions, offset = list(cursor["positions"]), int(cursor["next_worker"])
+    stream = TrainStream(sources, [s.weight for s in cfg.source_list()], dp_rank, dp_size, workers, seed,
+                         cfg.resample, cfg.shuffle_buffer, make_image_transform(vision, train=True),
+                         make_tokenizer(text), start_positions, offset)
+    return TrainLoader(stream, cfg.batch_size, cfg.workers)

@@ -5,13 +5,19 @@ from vlmtrain.config import TrainConfig
 
 
 def build_deepspeed_config(cfg: TrainConfig) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.optim.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "gradient_accumulation_steps": cfg.optim.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
-        # We pass a torch AdamW (no JIT Adam build); DeepSpeed asks us to opt in for ZeRO.
+        # We pass a torch AdamW (no JIT Adam build); DeepSpeed asks us to opt in for ZeRO, and
+        # for offload, where it would otherwise insist on its own CPU Adam.
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,  # our own logger reports progress
         "wall_clock_breakdown": False,
     }

@@ -1,4 +1,5 @@
-"""ClipLoss on 2 gloo ranks (local loss + gather with grad) equals one process on the whole batch."""
+"""Contrastive losses on 2 gloo ranks (local loss + gather with grad) equal one process on the
+whole batch, in loss and in every gradient, once gradients are averaged as data parallelism does."""
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from vlmtrain.dist import free_port
-from vlmtrain.losses import ClipLoss
+from vlmtrain.losses import LOSSES
 
 pytestmark = pytest.mark.dist
 WORLD = 2
@@ -16,38 +17,50 @@ WORLD = 2
 
 def global_batch(n=16, d=8):
     g = torch.Generator().manual_seed(0)
-    return (F.normalize(torch.randn(n, d, generator=g), dim=-1),
-            F.normalize(torch.randn(n, d, generator=g), dim=-1),
-            torch.tensor([11.0]))
+    return {"image_features": F.normalize(torch.randn(n, d, generator=g), dim=-1),
+            "text_features": F.normalize(torch.randn(n, d, generator=g), dim=-1),
+            "logit_scale": torch.tensor([11.0]),
+            "logit_bias": torch.tensor([-3.0])}
 
 
-def rank_worker(rank: int, port: int, out_dir: str) -> None:
+def inputs_for(loss_name: str, batch: dict) -> dict:
+    if loss_name == "clip":
+        batch.pop("logit_bias")
+    return {k: v.clone().requires_grad_() for k, v in batch.items()}
+
+
+def rank_worker(rank: int, port: int, out_dir: str, loss_name: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    image, text, scale = global_batch()
-    local = slice(rank * len(image) // WORLD, (rank + 1) * len(image) // WORLD)
-    image, text = image[local].clone().requires_grad_(), text[local].clone().requires_grad_()
-    scale = scale.clone().requires_grad_()
-    loss = ClipLoss()(image, text, scale)
+    batch = global_batch()
+    local = slice(rank * 16 // WORLD, (rank + 1) * 16 // WORLD)
+    for key in ("image_features", "text_features"):
+        batch[key] = batch[key][local]
+    inputs = inputs_for(loss_name, batch)
+    loss = LOSSES[loss_name]()(**inputs)
     loss.backward()
-    # Data parallelism averages gradients over ranks; do the same for the features' gradients.
-    for grad in (scale.grad,):
-        dist.all_reduce(grad)
-    torch.save({"loss": loss.detach(), "image_grad": image.grad / WORLD, "text_grad": text.grad / WORLD,
-                "scale_grad": scale.grad / WORLD}, f"{out_dir}/rank{rank}.pt")
+    grads = {k: v.grad for k, v in inputs.items()}
+    # Data parallelism averages the gradients of shared parameters (scale, bias) over ranks.
+    for key in ("logit_scale", "logit_bias"):
+        if key in grads:
+            dist.all_reduce(grads[key])
+    torch.save({"loss": loss.detach(), **{k: g / WORLD for k, g in grads.items()}}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_two_rank_clip_loss_and_gradients_equal_the_single_process_loss(tmp_path):
-    mp.spawn(rank_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_two_rank_loss_and_gradients_equal_the_single_process_loss(tmp_path, loss_name):
+    mp.spawn(rank_worker, args=(free_port(), str(tmp_path), loss_name), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
-    image, text, scale = (t.clone().requires_grad_() for t in global_batch())
-    reference = ClipLoss()(image, text, scale)  # no process group: plain full-batch loss
+    inputs = inputs_for(loss_name, global_batch())
+    reference = LOSSES[loss_name]()(**inputs)  # no process group: plain full-batch loss
     reference.backward()
 
-    mean_loss = sum(r["loss"] for r in ranks) / WORLD
-    torch.testing.assert_close(mean_loss, reference.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([r["image_grad"] for r in ranks]), image.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.cat([r["text_grad"] for r in ranks]), text.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ranks[0]["scale_grad"], scale.grad, atol=1e-5, rtol=1e-5)
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / WORLD, reference.detach(), **close)
+    for key, tensor in inputs.items():
+        if key.endswith("features"):  # each rank holds the gradient of its own rows
+            torch.testing.assert_close(torch.cat([r[key] for r in ranks]), tensor.grad, **close)
+        else:
+            torch.testing.assert_close(ranks[0][key], tensor.grad, **close)

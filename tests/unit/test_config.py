@@ -49,11 +49,28 @@ def test_misspelled_key_in_yaml_file_is_named(tmp_path):
     ("steps=ten", r"'steps' must be int, got 'ten'"),
     ("model.vision.patch_size=7", r"model.vision.image_size=32 is not divisible by model.vision.patch_size=7"),
     ("model.text.heads=3", r"model.text.width=64 is not divisible by model.text.heads=3"),
-    ("data.train_shards=", r"'data.train_shards' is required"),
+    ("data.train_shards=", r"exactly one of data.train_shards .* and data.sources"),
+    ("data.sources=[{shards: a, weight: -1}]", r"'data.sources\[0\].weight': got -1.0, must be >= 0"),
+    ("data.sources=[{weight: 2}]", r"'data.sources\[0\].shards' is required"),
+    ("loss=infonce", r"'loss': got 'infonce', allowed values: clip, siglip"),
+    ("model.init_logit_bias=-10", r"init_logit_bias is only used by loss=siglip"),
+    ("optim.offload=true|zero_stage=0", r"optim.offload=true needs zero_stage >= 1"),
+    ("precision=bf16|zero_stage=0", r"precision=bf16 needs zero_stage >= 1"),
 ])
 def test_invalid_values_are_rejected_naming_key_and_allowed_values(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_train_config(DEMO, [override])
+        load_train_config(DEMO, override.split("|"))  # "|" separates several overrides
+
+
+def test_siglip_loss_alone_gives_the_model_siglip_init():
+    cfg = load_train_config(DEMO, ["loss=siglip"])
+    assert cfg.model.init_logit_bias == -10.0
+    assert cfg.model.init_logit_scale == pytest.approx(2.302585, abs=1e-6)  # log 10
+
+
+def test_sources_mix_several_shard_sets_by_weight():
+    cfg = load_train_config(DEMO, ["data.train_shards=", "data.sources=[{shards: a/, weight: 3}, {shards: b/}]"])
+    assert [(s.shards, s.weight) for s in cfg.data.source_list()] == [("a/", 3.0), ("b/", 1.0)]
 
 
 def test_override_without_equals_is_rejected():

@@ -20,13 +20,9 @@ import webdataset
 from open_clip.zero_shot_classifier import build_zero_shot_classifier as open_clip_classifier
 from PIL import Image
 
-from vlmtrain.eval.datasets import (
-    DecodeReport,
-    EvalDataError,
-    classification_batches,
-    load_classnames_and_templates,
-    retrieval_batches,
-)
+from vlmtrain.eval.datasets import DecodeReport, EvalDataError, eval_batches, open_eval_set
+from vlmtrain.eval.metadata import resolve_classnames_and_templates
+from vlmtrain.eval.suite import evaluate_dataset
 from vlmtrain.eval.zeroshot import zero_shot_classification, zero_shot_retrieval
 
 from .conftest import CLASSNAMES, TEMPLATES
@@ -87,6 +83,26 @@ def read_tar_reference(root: Path, transform, skip_key: str) -> tuple[torch.Tens
     return torch.stack(images), [fields.get("cls", fields.get("txt")) for fields in kept]
 
 
+def classification_batches(root: Path, transform, batch_size: int, report: DecodeReport | None = None):
+    """(images, targets) pairs of a classification set, positions dropped.
+
+    Sets written without metadata files get the built-in ImageNet class names and templates.
+    """
+    own_metadata = (root / "classnames.txt").exists()
+    eval_set = open_eval_set(root, task="zeroshot_classification", classnames=None if own_metadata else "imagenet",
+                             templates=None if own_metadata else "imagenet")
+    return [(images, targets) for images, targets, _ in eval_batches(eval_set, transform, batch_size, report)]
+
+
+def retrieval_batches(root: Path, transform, batch_size: int, report: DecodeReport | None = None):
+    eval_set = open_eval_set(root, task="zeroshot_retrieval")
+    return [(images, captions) for images, captions, _ in eval_batches(eval_set, transform, batch_size, report)]
+
+
+def load_classnames_and_templates(root: Path) -> tuple[list, list]:
+    return resolve_classnames_and_templates(root, "set")
+
+
 # ---------------------------------------------------------------- classification end to end
 
 
@@ -115,7 +131,7 @@ def test_zero_shot_classification_on_tar_equals_open_clip_reference(classificati
     assert result["acc5"] == sum(t in top for top, t in zip(top5, targets)) / 23
     assert result["mean_per_class_recall"] == pytest.approx(sum(recalls) / len(recalls), abs=1e-12)
     assert len(set(predictions)) > 2  # the tiny model is not predicting a constant
-    assert [key for key, _ in report.skipped] == [CORRUPT_KEY]
+    assert [s.key for s in report.skipped] == [CORRUPT_KEY]
 
 
 def test_classification_batches_follow_shard_and_sample_order(classification_dir, transform):
@@ -149,9 +165,10 @@ def test_corrupt_image_is_skipped_reported_and_not_counted(classification_dir, t
 
     assert sum(len(targets) for _, targets in batches) == 23
     assert len(report.skipped) == 1
-    key, reason = report.skipped[0]
+    key, reason, position = report.skipped[0]
     assert key == CORRUPT_KEY
     assert "UnidentifiedImageError" in reason
+    assert position == 5
     assert report.summary().startswith(f"skipped 1 undecodable images: {CORRUPT_KEY} (UnidentifiedImageError")
 
 
@@ -171,14 +188,15 @@ def test_truncated_jpeg_is_skipped(tmp_path, transform):
     batches = list(classification_batches(tmp_path, transform, 8, report))
 
     assert batches[0][1].tolist() == [0]
-    assert [key for key, _ in report.skipped] == ["truncated"]
+    assert [s.key for s in report.skipped] == ["truncated"]
 
 
-def test_all_images_undecodable_is_a_data_error(tmp_path, transform):
+def test_all_images_undecodable_is_a_data_error(tmp_path, transform, model, tokenizer):
     write_shards(tmp_path, [{"__key__": "bad", "jpg": b"garbage", "cls": b"0"}], per_shard=10)
+    write_metadata(tmp_path, CLASSNAMES, TEMPLATES)
 
-    with pytest.raises(EvalDataError, match="no decodable samples.*bad"):
-        list(classification_batches(tmp_path, transform, 8))
+    with pytest.raises(EvalDataError, match="no decodable images.*bad"):
+        evaluate_dataset(model, tokenizer, transform, open_eval_set(tmp_path), "tiny")
 
 
 # ---------------------------------------------------------------- retrieval end to end
@@ -201,7 +219,7 @@ def test_zero_shot_retrieval_on_tar_with_multi_caption_images(tmp_path, model, t
     metrics = zero_shot_retrieval(model, tokenizer, batches, "cpu", ks=(1, 2))
 
     assert [group for _, groups in batches for group in groups] == captions
-    assert [key for key, _ in report.skipped] == ["broken"]
+    assert [s.key for s in report.skipped] == ["broken"]
     images, _ = read_tar_reference(tmp_path, transform, "broken")
     flat = [text for group in captions for text in group]
     owners = [i for i, group in enumerate(captions) for _ in group]
@@ -238,14 +256,14 @@ def test_classnames_and_templates_are_read_line_by_line(tmp_path):
 def test_missing_classnames_names_the_file(tmp_path):
     (tmp_path / "zeroshot_classification_templates.txt").write_text("{c}\n")
 
-    with pytest.raises(EvalDataError, match="classnames.txt not found"):
+    with pytest.raises(EvalDataError, match="no class names for dataset 'set': expected .*classnames.txt"):
         load_classnames_and_templates(tmp_path)
 
 
 def test_missing_templates_names_the_file(tmp_path):
     (tmp_path / "classnames.txt").write_text("cat\n")
 
-    with pytest.raises(EvalDataError, match="zeroshot_classification_templates.txt not found"):
+    with pytest.raises(EvalDataError, match="no prompt templates .*zeroshot_classification_templates.txt"):
         load_classnames_and_templates(tmp_path)
 
 
@@ -275,10 +293,8 @@ def test_directory_without_shards_is_a_data_error(tmp_path, transform, make_spli
     if make_split_dir:
         (tmp_path / "test").mkdir()
 
-    with pytest.raises(EvalDataError, match=r"no shards found.*test/\*\.tar"):
-        classification_batches(tmp_path, transform, 4)
-    with pytest.raises(EvalDataError, match="no shards found"):
-        retrieval_batches(tmp_path, transform, 4)
+    with pytest.raises(EvalDataError, match=r"no shards found.*test/\*\.tar" if make_split_dir else "not an eval set"):
+        open_eval_set(tmp_path)
 
 
 def test_non_integer_class_label_names_the_sample(tmp_path, transform):

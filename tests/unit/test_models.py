@@ -43,12 +43,10 @@ def test_logit_scale_is_one_dimensional_for_deepspeed():
     assert build_model(tiny_config()).logit_scale.shape == (1,)
 
 
-def test_clamp_keeps_logit_scale_within_zero_and_ln_100():
+def test_the_trainer_bounds_only_the_logit_scale_to_zero_and_ln_100():
     model = build_model(tiny_config())
-    with torch.no_grad():
-        model.logit_scale.fill_(9.0)
-    model.clamp_logit_scale()
-    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX)
+    [(param, bounds)] = model.parameter_bounds()
+    assert param is model.logit_scale and bounds == (0.0, pytest.approx(LOGIT_SCALE_MAX))
 
 
 def test_text_features_ignore_tokens_after_the_end_of_caption():

@@ -165,7 +165,7 @@ def test_embed_images_normalises_and_keeps_order(model):
     with torch.no_grad():
         expected = F.normalize(model.encode_image(images), dim=-1)
     torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
-    assert returned_ids.tolist() == list(range(6))
+    assert returned_ids == list(range(6))
     assert not features.requires_grad
 
 

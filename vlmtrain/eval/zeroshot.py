@@ -9,6 +9,10 @@ The model is anything exposing ``encode_image(images)`` and ``encode_text(tokens
 returning ``[B, D]`` features; the tokenizer maps ``list[str]`` to ``LongTensor[B, L]``.
 All returned features, classifiers and metrics live on the CPU in float32, so the
 metric code does not depend on where (or in which precision) the model ran.
+
+Under torch.distributed every function here is collective: each rank encodes its share
+(a contiguous slice of the texts; the images its batches hold), the features are gathered
+to every rank in sample order, and every rank computes the same metrics as one process would.
 """
 
 from __future__ import annotations
@@ -21,12 +25,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from vlmtrain.dist import rank_and_world
+from vlmtrain.eval.distributed import contiguous_share, gather_or_raise
+
 Template = str | Callable[[str], str]
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
 # Same scale as open_clip_train.zero_shot.run and CLIP_benchmark: it only changes the
 # logits' magnitude, never a ranking, but keeps saved logits comparable.
 LOGIT_SCALE = 100.0
+
+
+class NoImagesError(ValueError):
+    """The batches held no image at all (on any rank)."""
 
 
 @contextmanager
@@ -57,6 +68,11 @@ def render_prompt(template: Template, classname: str) -> str:
     return template(classname)
 
 
+def _show_progress(progress: bool) -> bool:
+    """Bars on rank 0 only: one bar per rank would garble the terminal."""
+    return progress and rank_and_world()[0] == 0
+
+
 def encode_texts(
     model: Any,
     tokenizer: Tokenizer,
@@ -68,14 +84,21 @@ def encode_texts(
     """L2-normalised text features ``[len(texts), D]`` (CPU, float32), encoded in batches."""
     if not texts:
         raise ValueError("encode_texts got no texts to encode")
-    features = []
-    with _eval_mode(model), tqdm(total=len(texts), unit="text", desc="texts", disable=not progress) as bar:
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            tokens = tokenizer(chunk).to(device)
-            features.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-            bar.update(len(chunk))
-    return torch.cat(features)
+    share = list(texts[contiguous_share(len(texts))])
+    world = rank_and_world()[1]
+
+    def encode_share() -> torch.Tensor | None:
+        features = []
+        with _eval_mode(model), tqdm(total=len(texts), unit="text", desc="texts",
+                                     disable=not _show_progress(progress)) as bar:
+            for start in range(0, len(share), batch_size):
+                chunk = share[start : start + batch_size]
+                tokens = tokenizer(chunk).to(device)
+                features.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+                bar.update(len(chunk) * world)  # shares are equal: rank 0 shows the whole job
+        return torch.cat(features) if features else None
+
+    return torch.cat([part for part in gather_or_raise(encode_share) if part is not None])
 
 
 def build_zero_shot_classifier(
@@ -103,25 +126,54 @@ def build_zero_shot_classifier(
 
 def embed_images(
     model: Any,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple],
     device: torch.device | str,
     progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode every batch; return L2-normalised features ``[N, D]`` and the stacked targets ``[N]``.
+) -> tuple[torch.Tensor, list[Any]]:
+    """Encode every batch; return L2-normalised features ``[N, D]`` and the labels, in sample order.
 
-    The second batch element (class targets or sample ids) is passed through so callers
-    can keep features and labels aligned whatever the batch iterator skipped.
+    A batch is ``(images, labels)`` or ``(images, labels, positions)``: labels (class targets,
+    caption lists, ids) are passed through so callers keep features and labels aligned whatever
+    the batch iterator skipped. Positions order the samples of all ranks; without them a batch's
+    samples follow the previous batch's, which only one process can know.
     """
-    features, targets = [], []
-    with _eval_mode(model), tqdm(unit="img", desc="images", disable=not progress) as bar:
-        for images, batch_targets in batches:
-            encoded = model.encode_image(images.to(device))
-            features.append(F.normalize(encoded.float(), dim=-1).cpu())
-            targets.append(torch.as_tensor(batch_targets).cpu())
-            bar.update(len(images))
+    rank, world = rank_and_world()
+
+    def embed_share() -> tuple[torch.Tensor | None, list[Any], list[int]]:
+        features, labels, positions = [], [], []
+        with _eval_mode(model), tqdm(unit="img", desc="images", disable=not _show_progress(progress)) as bar:
+            for batch in batches:
+                images, batch_labels, batch_positions = _with_positions(batch, len(labels), world)
+                if len(batch_labels) != len(images) or len(batch_positions) != len(images):
+                    raise ValueError(f"batch has {len(images)} images but {len(batch_labels)} labels "
+                                     f"and {len(batch_positions)} positions")
+                encoded = model.encode_image(images.to(device))
+                features.append(F.normalize(encoded.float(), dim=-1).cpu())
+                labels.extend(batch_labels.tolist() if torch.is_tensor(batch_labels) else list(batch_labels))
+                positions.extend(batch_positions)
+                bar.update(len(images) * world)  # shares are about equal: rank 0 shows the whole job
+        return (torch.cat(features) if features else None), labels, positions
+
+    shares = gather_or_raise(embed_share)
+    features = [part for part, _, _ in shares if part is not None]
     if not features:
-        raise ValueError("embed_images got no batches: the evaluation set yielded no images")
-    return torch.cat(features), torch.cat(targets)
+        raise NoImagesError("embed_images got no batches: the evaluation set yielded no images")
+    labels = [label for _, share_labels, _ in shares for label in share_labels]
+    positions = torch.tensor([p for _, _, share_positions in shares for p in share_positions])
+    if len(positions.unique()) != len(positions):
+        raise ValueError("two batches claim the same sample position: each sample must be in exactly one batch")
+    order = positions.argsort()
+    return torch.cat(features)[order], [labels[i] for i in order.tolist()]
+
+
+def _with_positions(batch: tuple, seen: int, world: int) -> tuple[torch.Tensor, Any, list[int]]:
+    if len(batch) == 3:
+        images, labels, positions = batch
+        return images, labels, torch.as_tensor(positions).tolist()
+    if world > 1:
+        raise ValueError("under torch.distributed every batch needs sample positions: (images, labels, positions)")
+    images, labels = batch
+    return images, labels, list(range(seen, seen + len(images)))
 
 
 def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
@@ -192,14 +244,14 @@ def _classification_metrics_and_confusion(
 def zero_shot_classification(
     model: Any,
     tokenizer: Tokenizer,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple],
     classnames: Sequence[str],
     templates: Sequence[Template],
     device: torch.device | str,
     progress: bool = False,
     text_batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Zero-shot classify ``(images, targets)`` batches.
+    """Zero-shot classify ``(images, targets[, positions])`` batches (see ``embed_images``).
 
     Returns ``classification_metrics`` plus ``"confusion_matrix"``: a nested list of ints,
     ``[C][C]``, rows = true class, columns = predicted class (JSON-ready; pop it for
@@ -207,7 +259,8 @@ def zero_shot_classification(
     """
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device, text_batch_size, progress)
     image_features, targets = embed_images(model, batches, device, progress)
-    metrics, confusion = _classification_metrics_and_confusion(zero_shot_logits(image_features, classifier), targets)
+    logits = zero_shot_logits(image_features, classifier)
+    metrics, confusion = _classification_metrics_and_confusion(logits, torch.tensor(targets, dtype=torch.long))
     return {**metrics, "confusion_matrix": confusion.tolist()}
 
 
@@ -268,27 +321,17 @@ def _flatten_captions(captions: Sequence[Sequence[str]]) -> tuple[list[str], tor
 def zero_shot_retrieval(
     model: Any,
     tokenizer: Tokenizer,
-    batches: Iterable[tuple[torch.Tensor, Sequence[Sequence[str]]]],
+    batches: Iterable[tuple],
     device: torch.device | str,
     progress: bool = False,
     ks: Sequence[int] = (1, 5, 10),
     text_batch_size: int = 256,
 ) -> dict[str, float | int]:
-    """Image-text retrieval over ``(images, captions_per_image)`` batches.
+    """Image-text retrieval over ``(images, captions_per_image[, positions])`` batches.
 
     Returns ``retrieval_metrics`` plus ``num_images`` and ``num_texts``.
     """
-    captions: list[Sequence[str]] = []
-
-    def images_with_ids() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, caption_lists in batches:
-            if len(caption_lists) != len(images):
-                raise ValueError(f"batch has {len(images)} images but {len(caption_lists)} caption lists")
-            start = len(captions)
-            captions.extend(caption_lists)
-            yield images, torch.arange(start, start + len(images))
-
-    image_features, _ = embed_images(model, images_with_ids(), device, progress)
+    image_features, captions = embed_images(model, batches, device, progress)
     texts, text_to_image = _flatten_captions(captions)
     text_features = encode_texts(model, tokenizer, texts, device, text_batch_size, progress)
     metrics: dict[str, float | int] = dict(retrieval_metrics(image_features, text_features, text_to_image, ks))

@@ -42,6 +42,6 @@ class CLIP(nn.Module):
             out["logit_bias"] = self.logit_bias
         return out
 
-    @torch.no_grad()
-    def clamp_logit_scale(self) -> None:
-        self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    def parameter_bounds(self) -> list[tuple[nn.Parameter, tuple[float, float]]]:
+        """Parameters the trainer clamps after every step: the temperature stays within [1, 100]."""
+        return [(self.logit_scale, (0.0, LOGIT_SCALE_MAX))]

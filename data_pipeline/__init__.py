@@ -1,0 +1,1 @@
+"""Curation side of vlmtrain: raw image-text pairs → accountable, deduplicated webdataset shards."""

@@ -1,0 +1,270 @@
+"""Compose the curation stages on Ray Data; the only module that knows Ray.
+
+Three steps, each resumable, all under ``output_dir``:
+  score   every input file ("part") is read, decoded/validated, filtered by the heuristics and
+          hashed by Ray Data actors; each part lands in ``.work/parts/<part>.parquet``, written
+          atomically, so a rerun scores only the parts that are missing.
+  dedup   exact and near-duplicate search over the small hash columns of all parts, on the driver
+          (dedup is global: every row must meet every other) → ``.work/duplicates.parquet``.
+  write   selection (the only step that drops rows) → ``decisions.parquet``, webdataset shards in
+          ``shards/`` (written by Ray tasks, each atomically; existing ones are kept) and
+          ``manifest.json``.
+A rerun after a kill produces byte-identical outputs: every step is a pure function of its inputs,
+the row order is the input order, and nothing records wall-clock time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data_pipeline.config import CurateConfig, to_dict
+from data_pipeline.select import decide, eligible_for_dedup, funnel
+from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_json_atomic, write_shard
+from data_pipeline.sources import Part, list_parts, read_part
+from data_pipeline.stages.decode import validate
+from data_pipeline.stages.dedup import find_duplicates, signatures
+from data_pipeline.stages.heuristics import Heuristics
+
+STEPS = ("score", "dedup", "write")
+# Raw bytes the later steps never need: a 1 MB caption must not travel further than the decoder.
+_DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
+_METADATA_EXCLUDED = {"image", "image_out", "thumbnail"}
+
+
+class PipelineError(RuntimeError):
+    """A step cannot run (e.g. the step before it has not run yet)."""
+
+
+# ------------------------------------------------------------------ plain functions (workers and driver)
+
+
+def score_part(part: Part, cfg: CurateConfig, heuristics: Heuristics, parts_dir: Path) -> dict:
+    """Read one input file, run every per-row stage, store the scored rows; return a summary."""
+    raw = read_part(part, cfg.sources[part.source_index])
+    batches = [signatures(heuristics(validate(raw.iloc[start:start + cfg.batch_rows], cfg.decode)))
+               for start in range(0, max(len(raw), 1), cfg.batch_rows)]
+    scored = pd.concat(batches, ignore_index=True).drop(columns=_DROPPED_AFTER_SCORING)
+    scored.insert(0, "part_id", part.part_id)
+    path = parts_dir / f"{part.part_id}.parquet"
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
+    os.replace(tmp, path)
+    reasons = scored["reason_validate"].fillna(scored["reason_heuristics"]).dropna()
+    return {"part_id": part.part_id, "rows": len(scored), "rejected": dict(Counter(reasons))}
+
+
+class PartScorer:
+    """A Ray Data actor: builds the heuristics (the language model) once, then scores parts."""
+
+    def __init__(self, cfg: CurateConfig, parts_dir: str):
+        self.cfg, self.parts_dir = cfg, Path(parts_dir)
+        self.heuristics = Heuristics(cfg.heuristics)
+
+    def __call__(self, batch: dict) -> dict:
+        summaries = [score_part(Part(part_id, int(source), path), self.cfg, self.heuristics, self.parts_dir)
+                     for part_id, source, path in zip(batch["part_id"], batch["source_index"], batch["path"])]
+        return {"summary": [json.dumps(s) for s in summaries]}
+
+
+def _write_shard_batch(batch: dict, parts_dir: str, out_dir: str) -> dict:
+    infos = []
+    for plan in batch["plan"]:
+        raw = json.loads(plan)
+        infos.append(write_shard(ShardPlan(raw["name"], raw["members"]), Path(parts_dir), Path(out_dir)))
+    return {"info": [json.dumps(i) for i in infos]}
+
+
+# ------------------------------------------------------------------ executors
+
+
+class RayExecutor:
+    """Runs the parallel steps on Ray Data: actors with fractional CPUs for scoring, tasks for writing."""
+
+    def __init__(self, cfg: CurateConfig, address: str | None):
+        import ray
+
+        self.ray, self.cfg = ray, cfg
+        self.started = not ray.is_initialized()
+        if self.started:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, log_to_driver=False)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # ours shows rows/s and rejections instead
+
+    def score(self, parts: list[Part], parts_dir: Path) -> Iterator[dict]:
+        ray = self.ray
+        items = [asdict(p) for p in parts]
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            PartScorer, fn_constructor_kwargs={"cfg": self.cfg, "parts_dir": str(parts_dir)}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(self.cfg.ray.workers, len(items))),
+            num_cpus=self.cfg.ray.cpus_per_worker)
+        for row in dataset.iter_rows():
+            yield json.loads(row["summary"])
+
+    def write_shards(self, plans: list[ShardPlan], parts_dir: Path, out_dir: Path) -> list[dict]:
+        items = [{"plan": json.dumps(asdict(p))} for p in plans]
+        dataset = self.ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _write_shard_batch, fn_kwargs={"parts_dir": str(parts_dir), "out_dir": str(out_dir)},
+            batch_size=1, num_cpus=self.cfg.ray.cpus_per_worker)
+        infos = [json.loads(row["info"]) for row in dataset.iter_rows()]
+        return sorted(infos, key=lambda info: info["name"])
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+class LocalExecutor:
+    """The same stage functions in this one Python process (the benchmark's reference, debugging)."""
+
+    def __init__(self, cfg: CurateConfig):
+        self.cfg = cfg
+
+    def score(self, parts: list[Part], parts_dir: Path) -> Iterator[dict]:
+        heuristics = Heuristics(self.cfg.heuristics)
+        for part in parts:
+            yield score_part(part, self.cfg, heuristics, parts_dir)
+
+    def write_shards(self, plans: list[ShardPlan], parts_dir: Path, out_dir: Path) -> list[dict]:
+        return [write_shard(plan, parts_dir, out_dir) for plan in plans]
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------ the run
+
+
+class Run:
+    """Paths and resume bookkeeping of one output directory."""
+
+    def __init__(self, cfg: CurateConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.work = self.out / ".work"
+        self.parts_dir = self.work / "parts"
+        self.duplicates = self.work / "duplicates.parquet"
+        self.shards_dir = self.out / "shards"
+        self.decisions = self.out / "decisions.parquet"
+        self.manifest = self.out / "manifest.json"
+        self.parts = list_parts(cfg.sources)
+
+    def prepare(self, log: Callable[[str], None]) -> None:
+        """Start over when the inputs or the stage settings differ from the run found on disk."""
+        stamp = {"stages": self.cfg.stage_fingerprint(),
+                 "parts": [[p.part_id, os.path.getsize(p.path)] for p in self.parts]}
+        stamp_file = self.work / "fingerprint.json"
+        if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
+            log(f"{self.out}: inputs or settings changed since the last run; starting over")
+            shutil.rmtree(self.work)
+            shutil.rmtree(self.shards_dir, ignore_errors=True)
+            for path in (self.decisions, self.manifest):
+                path.unlink(missing_ok=True)
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(stamp_file, stamp)
+
+    def missing_parts(self) -> list[Part]:
+        return [p for p in self.parts if not (self.parts_dir / f"{p.part_id}.parquet").is_file()]
+
+    def scored_rows(self) -> pd.DataFrame:
+        missing = self.missing_parts()
+        if missing:
+            raise PipelineError(f"{len(missing)} part(s) are not scored yet (first: {missing[0].path}); "
+                                f"run `vlm-curate score` or `vlm-curate run` first")
+        frames = []
+        for part in self.parts:
+            path = self.parts_dir / f"{part.part_id}.parquet"
+            columns = [c for c in pq.read_schema(path).names if c not in _METADATA_EXCLUDED]
+            frames.append(pq.read_table(path, columns=columns).to_pandas())
+        return pd.concat(frames, ignore_index=True)
+
+
+def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None = None,
+        use_ray: bool = True, log: Callable[[str], None] = print) -> dict | None:
+    """Run the given steps (skipping finished work); return the manifest when the write step ran."""
+    started = time.perf_counter()
+    state = Run(cfg)
+    state.prepare(log)
+    steps = list(steps)
+    executor = None
+    try:
+        if "score" in steps:
+            pending = state.missing_parts()
+            if pending:
+                executor = executor or (RayExecutor(cfg, ray_address) if use_ray else LocalExecutor(cfg))
+                _score(executor, pending, state, cfg.progress)
+            log(f"score: {len(state.parts)} part(s) scored ({len(state.parts) - len(pending)} from an earlier run)")
+        if "dedup" in steps:
+            rows = state.scored_rows()
+            duplicates = find_duplicates(rows[eligible_for_dedup(rows)], cfg.dedup)
+            _write_parquet(duplicates, state.duplicates)
+            log(f"dedup: {len(duplicates)} duplicate(s) among {int(eligible_for_dedup(rows).sum())} eligible rows")
+        if "write" not in steps:
+            return None
+        if not state.duplicates.is_file():
+            raise PipelineError("deduplication has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
+        rows = state.scored_rows()
+        decisions = decide(rows, pd.read_parquet(state.duplicates))
+        kept = rows.loc[decisions["kept"].to_numpy(), ["part_id", "uid"]]
+        plans = plan_shards(kept, cfg.output.samples_per_shard)
+        _reset_shards_if_replanned(state, plans)
+        executor = executor or (RayExecutor(cfg, ray_address) if use_ray else LocalExecutor(cfg))
+        infos = executor.write_shards(plans, state.parts_dir, state.shards_dir) if plans else []
+        _write_parquet(decisions, state.decisions)
+        manifest = {
+            "funnel": funnel(decisions),
+            "shards": infos,
+            "decisions": {"path": state.decisions.name, "sha256": file_sha256(state.decisions)},
+            "config": to_dict(cfg),
+        }
+        write_json_atomic(state.manifest, manifest)
+        log(f"write: {manifest['funnel']['rows']['kept']} of {len(decisions)} rows kept in {len(infos)} "
+            f"shard(s) under {state.shards_dir} ({time.perf_counter() - started:.1f} s)")
+        return manifest
+    finally:
+        if executor is not None:
+            executor.close()
+
+
+def _score(executor, pending: list[Part], state: Run, progress: bool) -> None:
+    rejected: Counter = Counter()
+    with tqdm(desc="score", unit="rows", disable=not progress, dynamic_ncols=True) as bar:
+        for done, summary in enumerate(executor.score(pending, state.parts_dir), start=1):
+            rejected.update(summary["rejected"])
+            bar.update(summary["rows"])
+            top = ", ".join(f"{k}={v}" for k, v in rejected.most_common(3))
+            bar.set_postfix_str(f"parts {done}/{len(pending)}, rejected {sum(rejected.values())} ({top})")
+
+
+def _reset_shards_if_replanned(state: Run, plans: list[ShardPlan]) -> None:
+    """Existing shards are reused only if they were written for exactly this plan."""
+    plan_file = state.shards_dir / ".plan.json"
+    plan = [asdict(p) for p in plans]
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+        shutil.rmtree(state.shards_dir)
+    state.shards_dir.mkdir(parents=True, exist_ok=True)
+    if not plan_file.is_file():
+        for stale in state.shards_dir.glob("*.tar*"):
+            stale.unlink()
+        tmp = plan_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(plan))
+        os.replace(tmp, plan_file)
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,75 @@
+"""Webdataset shard writer and run manifest.
+
+Shards are planned on the driver (kept rows in read order, ``samples_per_shard`` each) and written
+independently, each to a temporary name and then renamed, so a shard file that exists is complete.
+Tars use mtime 0 and fixed ownership: the same rows give byte-identical shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+from webdataset import TarWriter
+
+SHARD_COLUMNS = ["uid", "image", "image_out", "image_out_ext", "caption", "source", "file", "key", "sha256",
+                 "width", "height", "url"]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    members: dict[str, list[str]]  # part_id → uids, in order
+
+
+def plan_shards(kept: pd.DataFrame, per_shard: int) -> list[ShardPlan]:
+    """kept: part_id and uid of the kept rows, already in output order."""
+    plans = []
+    for number, start in enumerate(range(0, len(kept), per_shard)):
+        chunk = kept.iloc[start:start + per_shard]
+        members = {part: list(group["uid"]) for part, group in chunk.groupby("part_id", sort=False)}
+        plans.append(ShardPlan(f"shard-{number:06d}.tar", members))
+    return plans
+
+
+def write_shard(plan: ShardPlan, parts_dir: Path, out_dir: Path) -> dict:
+    """Write one shard (skipped when a complete one exists) and return name, samples, bytes, sha256."""
+    path = out_dir / plan.name
+    if not path.exists():
+        tmp = path.with_suffix(".tar.tmp")
+        with TarWriter(str(tmp), encoder=False, mtime=0) as tar:
+            for part_id, uids in plan.members.items():
+                rows = pq.read_table(parts_dir / f"{part_id}.parquet", columns=SHARD_COLUMNS).to_pandas()
+                rows = rows.set_index("uid").loc[uids]
+                for uid, row in rows.iterrows():
+                    tar.write(_sample(uid, row))
+        os.replace(tmp, path)
+    return {"name": plan.name, "samples": sum(len(u) for u in plan.members.values()),
+            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _sample(uid: str, row: pd.Series) -> dict:
+    image = row["image_out"] if row["image_out"] is not None else row["image"]
+    meta = {"uid": uid, "source": row["source"], "file": row["file"], "key": row["key"],
+            "sha256": row["sha256"], "width": int(row["width"]), "height": int(row["height"]),
+            "url": row["url"] if isinstance(row["url"], str) else None}
+    return {"__key__": uid, row["image_out_ext"]: image, "txt": row["caption"].encode(),
+            "json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,167 @@
+"""Decode and validate: open every image safely, decode and normalize every caption.
+
+Adds: width, height, image_format, image_mode, file_bytes, thumbnail (32×32 RGB bytes, for hashing
+and the report), image_out / image_out_ext (what the shard writer stores), caption, url, notes
+(repairs made: mode conversion, EXIF rotation, wrong extension) and reason_validate (why the row
+cannot be used; None when it can). A bad sample is a reason, never an exception.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from data_pipeline.config import DecodeConfig
+
+THUMBNAIL_SIDE = 32
+# Formats stored as they came; anything else (or a repaired image) is re-encoded as PNG.
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_EXT_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
+                "tif": "TIFF", "tiff": "TIFF"}
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass
+class ImageCheck:
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    mode: str | None = None
+    thumbnail: bytes | None = None
+    image_out: bytes | None = None  # re-encoded image, only when the original cannot be stored as is
+    image_out_ext: str | None = None
+    notes: list[str] = field(default_factory=list)
+    reason: str | None = None
+
+
+def check_image(data: bytes | None, ext: str | None, max_pixels: int) -> ImageCheck:
+    if data is None:
+        return ImageCheck(reason="missing_image")
+    if len(data) == 0:
+        return ImageCheck(reason="empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            # Refuse by the header's size before decoding a single pixel.
+            if image.width * image.height > max_pixels:
+                return ImageCheck(image.width, image.height, image.format, image.mode,
+                                  reason="decompression_bomb")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return ImageCheck(reason="decompression_bomb")
+    except UnidentifiedImageError:
+        return ImageCheck(reason="undecodable_image")
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for truncated or corrupt data
+        return ImageCheck(reason="truncated_image" if "truncated" in str(err) else "undecodable_image")
+    check = ImageCheck(format=image.format, mode=image.mode)
+    if ext and _EXT_FORMATS.get(ext) not in (None, image.format):
+        check.notes.append(f"extension_mismatch:{ext}->{image.format.lower()}")
+    rgb, repaired = _to_rgb(image, check.notes)
+    check.width, check.height = rgb.size
+    check.thumbnail = rgb.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR).tobytes()
+    if repaired or image.format not in KEPT_FORMATS:
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="PNG")
+        check.image_out, check.image_out_ext = buffer.getvalue(), "png"
+    else:
+        check.image_out_ext = KEPT_FORMATS[image.format]
+    return check
+
+
+def _to_rgb(image: Image.Image, notes: list[str]) -> tuple[Image.Image, bool]:
+    """RGB, upright, 8-bit: alpha composited on white, 16-bit scaled, CMYK and palettes converted."""
+    repaired = False
+    upright = ImageOps.exif_transpose(image)
+    if upright is not image:
+        notes.append("exif_rotated")
+        image, repaired = upright, True
+    mode = image.mode
+    if mode == "RGB":
+        return image, repaired
+    if mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: keep the top 8 bits
+        pixels = np.asarray(image, dtype=np.int64)
+        scale = 256 if pixels.max(initial=0) > 255 else 1
+        image = Image.fromarray(np.clip(pixels // scale, 0, 255).astype(np.uint8), "L")
+    elif (mode == "P" and "transparency" in image.info) or mode in ("PA", "LA", "RGBA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    notes.append(f"converted_mode:{mode}")
+    return image.convert("RGB"), True
+
+
+def decode_caption(raw: bytes | None, max_bytes: int) -> tuple[str | None, str | None]:
+    """(normalized caption, reason): UTF-8 strictly, HTML entities resolved, whitespace collapsed."""
+    if raw is None:
+        return None, "missing_caption"
+    if len(raw) > max_bytes:
+        return None, "caption_too_large"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "caption_not_utf8"
+    return normalize_caption(text), None
+
+
+def normalize_caption(text: str) -> str:
+    text = unicodedata.normalize("NFC", html.unescape(text))
+    text = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in text)
+    return _SPACE.sub(" ", text).strip()
+
+
+def parse_metadata(raw: bytes | None) -> tuple[dict, str | None]:
+    """The json sidecar as a dict (img2dataset puts the url there), or the reason it is unusable."""
+    if raw is None:
+        return {}, None
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}, "invalid_json"
+    return (meta, None) if isinstance(meta, dict) else ({}, "invalid_json")
+
+
+def validate(batch: pd.DataFrame, cfg: DecodeConfig) -> pd.DataFrame:
+    out = batch.copy()
+    images = [check_image(data, ext, cfg.max_pixels) for data, ext in zip(batch["image"], batch["image_ext"])]
+    captions = [decode_caption(raw, cfg.max_caption_bytes) for raw in batch["caption_raw"]]
+    metas = [parse_metadata(raw) for raw in batch["json_raw"]]
+    out["width"] = pd.array([c.width for c in images], dtype="Int64")
+    out["height"] = pd.array([c.height for c in images], dtype="Int64")
+    out["image_format"] = [c.format for c in images]
+    out["image_mode"] = [c.mode for c in images]
+    out["file_bytes"] = [len(d) if d is not None else 0 for d in batch["image"]]
+    out["thumbnail"] = [c.thumbnail for c in images]
+    out["image_out"] = [c.image_out for c in images]
+    out["image_out_ext"] = [c.image_out_ext for c in images]
+    out["caption"] = [text for text, _ in captions]
+    out["url"] = [url if isinstance(url, str) else _str_or_none(meta.get("url"))
+                  for url, (meta, _) in zip(batch["url"], metas)]
+    out["notes"] = [";".join(c.notes) for c in images]
+    # The first problem in reading order is the row's reason.
+    out["reason_validate"] = [
+        _str_or_none(read_error) or _first_missing(data, raw) or image.reason or caption_reason or meta_reason
+        for read_error, data, raw, image, (_, caption_reason), (_, meta_reason)
+        in zip(batch["read_error"], batch["image"], batch["caption_raw"], images, captions, metas)
+    ]
+    return out
+
+
+def _first_missing(image: bytes | None, caption: bytes | None) -> str | None:
+    if image is None:
+        return "missing_image"
+    if caption is None:
+        return "missing_caption"
+    return None
+
+
+def _str_or_none(value) -> str | None:
+    return value if isinstance(value, str) and value else None

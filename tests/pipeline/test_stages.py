@@ -1,0 +1,183 @@
+"""Each stage as a plain function over a pandas batch: no Ray involved."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_pipeline.config import ConfigError, DecodeConfig, DedupConfig, HeuristicsConfig, SourceConfig, \
+    load_curate_config
+from data_pipeline.select import decide, funnel
+from data_pipeline.sources import list_parts, read_part
+from data_pipeline.stages.decode import check_image, decode_caption, normalize_caption, validate
+from data_pipeline.stages.dedup import find_duplicates, near_duplicate_of, signatures
+from data_pipeline.stages.heuristics import Heuristics, repeated_word_fraction, symbol_fraction
+from tests.pipeline.conftest import bad_samples, encode, noise_image
+
+
+def raw_rows(bad_input_dir, fmt: str, path: str) -> pd.DataFrame:
+    source = SourceConfig(format=fmt, path=str(bad_input_dir / path))
+    return pd.concat([read_part(p, source) for p in list_parts([source])], ignore_index=True)
+
+
+def test_every_bad_webdataset_sample_gets_its_specific_reason_or_repair_note(bad_input_dir):
+    rows = validate(raw_rows(bad_input_dir, "webdataset", "wds/bad-000.tar"), DecodeConfig())
+    expected = [e for _, e in bad_samples()]
+    assert len(rows) == len(expected)
+    for (_, row), want in zip(rows.iterrows(), expected):
+        if want is None:
+            assert pd.isna(row["reason_validate"]), row["key"]
+        elif want.startswith("note:"):
+            assert pd.isna(row["reason_validate"]) and want[5:] in row["notes"], (row["key"], row["notes"])
+            assert row["width"] == 64 and row["image_out_ext"] == "png"  # stored repaired, as RGB PNG
+        else:
+            assert row["reason_validate"] == want, row["key"]
+
+
+def test_truncated_tar_keeps_the_samples_before_the_cut_and_names_the_cut_one(bad_input_dir):
+    rows = validate(raw_rows(bad_input_dir, "webdataset", "wds/bad-001.tar"), DecodeConfig())
+    assert rows["key"].iloc[0] == "cut-0" and pd.isna(rows["reason_validate"].iloc[0])
+    assert rows["reason_validate"].iloc[-1] == "truncated_tar"
+
+
+def test_parquet_and_jsonl_readers_take_bytes_or_paths_and_record_what_is_missing(bad_input_dir):
+    parquet = validate(raw_rows(bad_input_dir, "parquet", "parquet"), DecodeConfig()).set_index("key")
+    assert pd.isna(parquet.loc["p0", "reason_validate"]) and parquet.loc["p0", "url"].endswith("p0.jpg")
+    assert parquet.loc["p1", "reason_validate"] == "missing_image"
+    assert parquet.loc["p2", "reason_validate"] == "undecodable_image"
+    assert pd.isna(parquet.loc["q0", "reason_validate"]) and parquet.loc["q0", "image_format"] == "PNG"
+    jsonl = validate(raw_rows(bad_input_dir, "jsonl", "jsonl/pairs.jsonl"), DecodeConfig())
+    assert list(jsonl["reason_validate"].fillna("ok")) == ["ok", "image_file_not_found", "invalid_jsonl_line"]
+
+
+def test_uids_are_stable_and_unique_and_sha256_is_of_the_image_bytes(bad_input_dir):
+    first = raw_rows(bad_input_dir, "webdataset", "wds/bad-000.tar")
+    again = raw_rows(bad_input_dir, "webdataset", "wds/bad-000.tar")
+    assert list(first["uid"]) == list(again["uid"]) and first["uid"].is_unique
+    import hashlib
+    row = first.iloc[0]
+    assert row["sha256"] == hashlib.sha256(row["image"]).hexdigest()
+
+
+def test_bomb_is_refused_from_its_header_under_a_configured_pixel_limit():
+    check = check_image(encode(noise_image(0, side=300), "PNG"), "png", max_pixels=200 * 200)
+    assert check.reason == "decompression_bomb" and check.width == 300
+
+
+def test_truncated_jpeg_is_a_reason():
+    data = encode(noise_image(0), "JPEG")
+    assert check_image(data[: len(data) // 2], "jpg", 10**8).reason in ("truncated_image", "undecodable_image")
+
+
+def test_caption_decoding_normalizes_entities_and_whitespace_and_names_failures():
+    assert normalize_caption("  Tom &amp; Jerry\t\n on&nbsp;TV \x00 ") == "Tom & Jerry on TV"
+    assert decode_caption(b"\xff\xfe", 100) == (None, "caption_not_utf8")
+    assert decode_caption(b"x" * 101, 100) == (None, "caption_too_large")
+    assert decode_caption(None, 100) == (None, "missing_caption")
+
+
+def heuristics_batch(captions, sides=(256, 256), urls=None, file_bytes=5000) -> pd.DataFrame:
+    n = len(captions)
+    return pd.DataFrame({"caption": captions, "width": pd.array([sides[0]] * n, dtype="Int64"),
+                         "height": pd.array([sides[1]] * n, dtype="Int64"), "file_bytes": [file_bytes] * n,
+                         "url": urls or [None] * n})
+
+
+def test_default_heuristics_are_datacomp_basic():
+    rules = Heuristics(HeuristicsConfig())
+    out = rules(heuristics_batch(["a dog on a red sofa", "two words", "a dog", "un perro en un sofá rojo"]))
+    assert list(out["reason_heuristics"].fillna("ok")) == ["ok", "caption_words", "caption_chars", "language"]
+    assert list(rules(heuristics_batch(["a dog on a red sofa"], sides=(199, 400)))["reason_heuristics"]) == \
+        ["image_side"]
+    assert list(rules(heuristics_batch(["a dog on a red sofa"], sides=(200, 601)))["reason_heuristics"]) == \
+        ["aspect_ratio"]
+
+
+def test_each_optional_rule_records_its_own_flag():
+    cfg = HeuristicsConfig(min_image_bytes=1000, max_repeated_word_fraction=0.5, max_symbol_fraction=0.2,
+                           caption_blocklist=["forbidden words"], url_blocklist=["spam.example"],
+                           max_caption_chars=40, languages=[])
+    out = Heuristics(cfg)(heuristics_batch(
+        ["buy buy buy buy buy now", "#$%& !!! ?? ok fine good", "these are forbidden words here", "a fine caption",
+         "a caption that is much too long for the limit we set"],
+        urls=[None, None, None, "http://spam.example/x.jpg", None]))
+    assert list(out["reason_heuristics"]) == ["repeated_words", "symbols", "caption_blocklist", "url_blocklist",
+                                              "caption_chars"]
+    assert out["flag_image_bytes"].sum() == 0
+    assert repeated_word_fraction("a b a b".split()) == 0.5 and symbol_fraction("ab!!") == 0.5
+
+
+def test_language_rule_can_allow_captions_too_short_to_identify():
+    out = Heuristics(HeuristicsConfig(min_caption_chars=1, min_caption_words=1, languages=["en", "und"]))(
+        heuristics_batch(["7", "a blue square on the left", "il y a un cercle rouge à gauche"]))
+    assert list(out["language"]) == ["und", "en", "fr"]
+    assert list(out["reason_heuristics"].fillna("ok")) == ["ok", "ok", "language"]
+
+
+def dedup_rows(images, captions, sizes=None) -> pd.DataFrame:
+    rows = pd.DataFrame({"uid": [f"u{i}" for i in range(len(images))], "image": images,
+                         "caption_raw": [c.encode() for c in captions], "image_ext": ["png"] * len(images)})
+    rows["sha256"] = [__import__("hashlib").sha256(b).hexdigest() for b in images]
+    for column in ("json_raw", "url", "read_error"):
+        rows[column] = None
+    return signatures(validate(rows, DecodeConfig()))
+
+
+def test_exact_duplicates_keep_one_by_the_stated_rule_and_say_whether_the_caption_matched():
+    a, b = encode(noise_image(1), "PNG"), encode(noise_image(2), "PNG")
+    rows = dedup_rows([a, a, a, b], ["x", "x", "y", "z"])
+    found = find_duplicates(rows, DedupConfig(near=False)).set_index("uid")
+    assert dict(found["reason_dedup"]) == {"u1": "exact_duplicate_pair", "u2": "exact_duplicate_image"}
+    assert set(found["duplicate_of"]) == {"u0"}  # equal size and bytes: the smallest uid stays
+
+
+def test_near_duplicates_prefer_the_larger_image_and_distinct_images_survive():
+    original = noise_image(3).resize((16, 16)).resize((64, 64))
+    rows = dedup_rows([encode(original, "PNG"), encode(original.resize((96, 96)), "JPEG"),
+                       encode(noise_image(4), "PNG")], ["a", "b", "c"])
+    found = find_duplicates(rows, DedupConfig(hamming=10, colour=15))
+    assert list(found["uid"]) == ["u0"] and list(found["duplicate_of"]) == ["u1"]
+
+
+def test_near_duplicate_search_matches_a_brute_force_pairwise_reference():
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(-2**63, 2**63 - 1, 300, dtype=np.int64)
+    hashes[100:150] = hashes[:50] ^ (1 << rng.integers(0, 64, 50))  # 1-bit neighbours
+    colours = rng.integers(0, 256, (300, 12), dtype=np.uint8)
+    colours[100:150] = colours[:50]
+    got = near_duplicate_of(hashes, colours, 3, 10)
+    expected = np.full(300, -1)
+    for i in range(300):
+        for j in range(i):
+            if expected[j] < 0 and bin((int(hashes[i]) ^ int(hashes[j])) & (2**64 - 1)).count("1") <= 3 \
+                    and np.abs(colours[i].astype(int) - colours[j]).max() <= 10:
+                expected[i] = j
+                break
+    np.testing.assert_array_equal(got, expected)
+    assert (got[100:150] >= 0).all()
+
+
+def test_selection_gives_the_first_reason_in_pipeline_order_and_counts_add_up():
+    rows = pd.DataFrame({"uid": ["a", "b", "c", "d"], "reason_validate": [None, "empty_image", None, None],
+                         "reason_heuristics": [None, "caption_chars", "language", None]})
+    for column in ("sha256", "source", "file", "key", "notes", "width", "height", "image_format", "image_mode",
+                   "file_bytes", "url", "caption_chars", "caption_words", "min_side", "aspect_ratio", "language",
+                   "language_confidence", "repeated_word_fraction", "symbol_fraction", "phash"):
+        rows[column] = None
+    from data_pipeline.stages.heuristics import RULES
+    for rule in RULES:
+        rows[f"flag_{rule}"] = [False, rule == "caption_chars", rule == "language", False]
+    decisions = decide(rows, pd.DataFrame({"uid": ["d"], "reason_dedup": ["near_duplicate"], "duplicate_of": ["a"]}))
+    assert list(decisions["reason"].fillna("kept")) == ["kept", "empty_image", "language", "near_duplicate"]
+    counts = funnel(decisions)
+    assert counts["rows"] == {"read": 4, "validate": 3, "heuristics": 2, "exact_dedup": 2, "near_dedup": 1, "kept": 1}
+    assert sum(counts["rejected_by_reason"].values()) + counts["rows"]["kept"] == 4
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="heuristics.min_image_sid"):
+        load_curate_config(None, ["output_dir=x", "sources=[{path: a}]", "heuristics.min_image_sid=3"])
+    with pytest.raises(ConfigError, match="sources"):
+        load_curate_config(None, ["output_dir=x"])
+    with pytest.raises(ConfigError, match=r"sources\[0\].format"):
+        load_curate_config(None, ["output_dir=x", "sources=[{path: a, format: zip}]"])
