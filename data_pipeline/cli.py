@@ -13,6 +13,10 @@ commands:
   run CONFIG [key=value ...]     score → dedup → write; a rerun after a kill resumes
   score | dedup | write CONFIG   one step (each needs the step before it to have run)
   report OUT                     funnel, histograms and rejected examples of a finished run
+  embed SHARDS OUT --checkpoint RUN | --model NAME --pretrained FILE
+                                 CLIP image/text embeddings (float16 .npy) + cosine score per sample
+  bootstrap CONFIG --rounds R    train a scorer on a curated pool, prune it by CLIP score, retrain;
+                                 a rounds table (JSON + PNG); a rerun resumes at the first unfinished round
 
 outputs under output_dir:
   shards/shard-NNNNNN.tar   webdataset samples (jpg/png/webp, txt, json) ready for vlm-train
@@ -20,8 +24,9 @@ outputs under output_dir:
   manifest.json             rows per stage, rejections per reason, shard list with sha256, config
   .work/                    per-input-file scored parts and duplicates (what a rerun reuses)
 
-example:
+examples:
   vlm-curate run configs/curate/demo.yaml output_dir=curated 'sources=[{format: webdataset, path: data/train}]'
+  vlm-curate bootstrap configs/curate/bootstrap_demo.yaml --rounds 2 pool=curated output_dir=bootstrap
 """
 
 
@@ -41,11 +46,48 @@ def build_parser() -> argparse.ArgumentParser:
         step.add_argument("--no-ray", action="store_true", help="run the stages in this process (debugging)")
     report = commands.add_parser("report", help="PNG charts and an HTML page for a finished run")
     report.add_argument("out", type=Path, help="the run's output_dir")
+    _add_embed_parser(commands)
+    _add_bootstrap_parser(commands)
     return parser
+
+
+def _add_embed_parser(commands) -> None:
+    embed = commands.add_parser(
+        "embed", help="CLIP embeddings and image-text cosine of every sample in webdataset shards",
+        description="Embed images and captions with a CLIP model on a Ray actor pool (the model's own eval "
+                    "transform and tokenizer). Writes image-/text-<shard>.npy (float16, L2-normalised), "
+                    "index-<shard>.parquet (uid, key, row, clip_score) and OUT/index.parquet; a rerun skips "
+                    "finished shards.")
+    embed.add_argument("shards", type=Path, help="a folder of .tar shards (e.g. a curated run's shards/)")
+    embed.add_argument("out", type=Path, help="where the embeddings go")
+    model = embed.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a vlm-train run, export or DeepSpeed checkpoint")
+    model.add_argument("--model", help="an open_clip model name (with --pretrained FILE) or local-dir:DIR")
+    embed.add_argument("--pretrained", default="", help="local weights file for --model")
+    embed.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
+    embed.add_argument("--workers", type=int, default=2, help="model actors (default 2)")
+    embed.add_argument("--cpus-per-worker", type=float, default=0.5,
+                       help="Ray CPUs per actor (default 0.5; whole CPUs deadlock Ray Data on small machines)")
+    embed.add_argument("--no-ray", action="store_true", help="embed in this process (debugging)")
+
+
+def _add_bootstrap_parser(commands) -> None:
+    bootstrap = commands.add_parser(
+        "bootstrap", help="bootstrapped CLIP-score pruning: train a scorer, prune, retrain",
+        description="Round 0 trains a CLIP model (vlm-train) on a curated pool; round k embeds the pool with "
+                    "round k-1's model, prunes it by CLIP score (clip_score.rule) and trains again with the same "
+                    "budget. Each round's checkpoint, cutoff, kept count, zero-shot metrics (vlm-eval) and, with "
+                    "ground_truth, precision/recall of the removed pairs go into OUT/rounds.json and rounds.png.")
+    bootstrap.add_argument("config", type=Path, help="bootstrap YAML (see configs/curate/bootstrap_demo.yaml)")
+    bootstrap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
+    bootstrap.add_argument("--rounds", type=int, default=2, help="rounds including round 0 (default 2)")
+    bootstrap.add_argument("--no-ray", action="store_true", help="embed in this process (debugging)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("embed", "bootstrap"):
+        return _scoring_main(args)
     try:
         if args.command == "report":
             from data_pipeline.report import write_report
@@ -67,6 +109,33 @@ def main(argv: list[str] | None = None) -> int:
     if manifest is not None:
         print(format_funnel(manifest["funnel"]))
     return 0
+
+
+def _scoring_main(args: argparse.Namespace) -> int:
+    """``embed`` and ``bootstrap``: user mistakes end in one error line and exit code 2."""
+    from vlmtrain.checkpoint import CheckpointError
+
+    from data_pipeline.bootstrap import BootstrapError, run_bootstrap
+    from data_pipeline.config import EmbedConfig, load_bootstrap_config
+    from data_pipeline.embedding import embed_pool
+    from data_pipeline.stages.embed import EmbedError, ModelSpec
+
+    try:
+        if args.command == "bootstrap":
+            run_bootstrap(load_bootstrap_config(args.config, args.overrides), args.rounds, use_ray=not args.no_ray)
+            return 0
+        if not args.shards.is_dir():
+            raise EmbedError(f"shards folder not found: {args.shards}")
+        spec = ModelSpec(checkpoint=args.checkpoint or "", open_clip_model=args.model or "", pretrained=args.pretrained)
+        cfg = EmbedConfig(batch_size=args.batch_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+        index = embed_pool(sorted(str(p) for p in args.shards.glob("*.tar")), args.out, spec, cfg,
+                           use_ray=not args.no_ray)
+        print(f"clip_score over {len(index)} samples: mean {index['clip_score'].mean():.4f}, "
+              f"median {index['clip_score'].median():.4f}")
+        return 0
+    except (ConfigError, BootstrapError, EmbedError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"vlm-curate: error: {err}", file=sys.stderr)
+        return 2
 
 
 def format_funnel(funnel: dict) -> str:

@@ -65,11 +65,15 @@ class HeuristicsConfig:
 class DedupConfig:
     exact: bool = True  # same image bytes (sha256) → keep one
     near: bool = True
-    # Near duplicates: 64-bit DCT perceptual hash within `hamming` bits AND mean colours of the
-    # 2×2 image quadrants within `colour` (0-255) — the colour check separates a red from a green
-    # shape that a luminance hash cannot tell apart.
-    hamming: int = field(default=12, metadata={"min": 0, "max": 64})
-    colour: float = field(default=15.0, metadata={"min": 0.0})
+    # Near duplicates (re-encodes, resizes, crops up to `max_crop` a side): each row's `neighbours`
+    # nearest rows by a colour thumbnail are aligned to it (the smaller image searched as a window
+    # of the larger one); a pair is a duplicate when the aligned thumbnails differ by at most
+    # `max_residual` RMS (0-255 levels), after a cheaper grey pre-check at `coarse_residual`.
+    # See data_pipeline/stages/near_duplicates.py.
+    neighbours: int = field(default=10, metadata={"min": 1})
+    max_crop: float = field(default=0.1, metadata={"min": 0.0, "max": 0.4})
+    coarse_residual: float = field(default=9.0, metadata={"min": 0.0})
+    max_residual: float = field(default=3.5, metadata={"min": 0.0})
 
 
 @dataclass
@@ -129,4 +133,73 @@ def load_curate_config(path: str | Path | None, overrides: list[str] = ()) -> Cu
         apply_override(raw, item)
     cfg = from_dict(CurateConfig, raw)
     cfg.check()
+    return cfg
+
+
+# ------------------------------------------------------------------ CLIP scoring and bootstrapping
+
+
+@dataclass
+class EmbedConfig:
+    """The embed stage: which CLIP model embeds the pool, and how the Ray actor pool runs it.
+
+    The model is a vlm-train checkpoint (``checkpoint``: run dir, export or DeepSpeed checkpoint) or an
+    open_clip model (``open_clip_model`` + a local ``pretrained`` weights file, or ``local-dir:DIR``).
+    In a bootstrap run the checkpoint is each round's scorer and is set by the round.
+    """
+    checkpoint: str = ""
+    open_clip_model: str = ""
+    pretrained: str = ""
+    batch_size: int = field(default=256, metadata={"min": 1})  # images per forward
+    workers: int = field(default=2, metadata={"min": 1})  # model actors
+    # Fractional CPUs, as for the scoring actors: whole-CPU actors deadlock Ray Data on 2 cores.
+    cpus_per_worker: float = field(default=0.5, metadata={"min": 0.01})
+    threads_per_worker: int = field(default=1, metadata={"min": 1})  # torch threads inside one actor
+    num_cpus: int = field(default=0, metadata={"min": 0})  # local Ray only; 0 = all cores
+    progress: bool = True
+
+    def check(self, prefix: str = "embed") -> None:
+        if bool(self.checkpoint) == bool(self.open_clip_model):
+            raise ConfigError(f"give exactly one of {prefix}.checkpoint (a vlm-train run, export or DeepSpeed "
+                              f"checkpoint) and {prefix}.open_clip_model (with {prefix}.pretrained FILE)")
+
+
+CLIP_SCORE_RULES = ("threshold", "top_fraction")
+
+
+@dataclass
+class ClipScoreConfig:
+    """CLIP-score pruning of the rows the heuristics and dedup kept. ``threshold``: keep cosine ≥
+    ``threshold`` (DataComp: ≥ 0.25–0.28 with ViT-B/32); ``top_fraction``: keep the best-scoring
+    ``top_fraction`` of those rows (DataComp: top 30% by ViT-L/14)."""
+    rule: str = field(default="top_fraction", metadata={"choices": CLIP_SCORE_RULES})
+    threshold: float = field(default=0.25, metadata={"min": -1.0, "max": 1.0})
+    top_fraction: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class BootstrapConfig:
+    """``vlm-curate bootstrap``: round 0 trains a scorer on ``pool`` (a finished ``vlm-curate run``);
+    round k scores the pool with round k−1's model, prunes it by CLIP score and trains again."""
+    pool: str = field(default="", metadata={"required": True})  # output_dir of a finished vlm-curate run
+    output_dir: str = field(default="", metadata={"required": True})
+    train_config: str = "configs/train/demo.yaml"
+    train_overrides: list[str] = field(default_factory=list)  # key=value for vlm-train, every round
+    nproc: int = field(default=1, metadata={"min": 1})  # vlm-train ranks
+    eval_sets: list[str] = field(default_factory=list)  # vlm-eval --data, after every round
+    # index.parquet with `key` and `noise` (tools/make_demo_data.py): precision/recall of removed pairs.
+    ground_truth: str = ""
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    clip_score: ClipScoreConfig = field(default_factory=ClipScoreConfig)
+    samples_per_shard: int = field(default=1000, metadata={"min": 1})  # pruned pools' shards
+
+
+def load_bootstrap_config(path: str | Path | None, overrides: list[str] = ()) -> BootstrapConfig:
+    """Read a bootstrap YAML (see configs/curate/bootstrap_demo.yaml), apply overrides, validate."""
+    from vlmtrain.config import read_yaml_with_overrides
+
+    cfg = from_dict(BootstrapConfig, read_yaml_with_overrides(path, overrides, "bootstrap config"))
+    if cfg.embed.checkpoint or cfg.embed.open_clip_model:
+        raise ConfigError("embed.checkpoint / embed.open_clip_model are set by each bootstrap round "
+                          "(its scorer is the round before it); leave them out of the bootstrap config")
     return cfg

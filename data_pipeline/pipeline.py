@@ -4,8 +4,9 @@ Three steps, each resumable, all under ``output_dir``:
   score   every input file ("part") is read, decoded/validated, filtered by the heuristics and
           hashed by Ray Data actors; each part lands in ``.work/parts/<part>.parquet``, written
           atomically, so a rerun scores only the parts that are missing.
-  dedup   exact and near-duplicate search over the small hash columns of all parts, on the driver
-          (dedup is global: every row must meet every other) → ``.work/duplicates.parquet``.
+  dedup   exact and near-duplicate search over the small columns (sha256, 32×32 thumbnails) of all
+          parts (dedup is global: every row must meet every other): candidate pairs on the driver,
+          their verification split over Ray tasks → ``.work/duplicates.parquet``.
   write   selection (the only step that drops rows) → ``decisions.parquet``, webdataset shards in
           ``shards/`` (written by Ray tasks, each atomically; existing ones are kept) and
           ``manifest.json``.
@@ -33,7 +34,8 @@ from data_pipeline.select import decide, eligible_for_dedup, funnel
 from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_json_atomic, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
 from data_pipeline.stages.decode import validate
-from data_pipeline.stages.dedup import find_duplicates, signatures
+from data_pipeline.stages.dedup import find_duplicates
+from data_pipeline.stages.near_duplicates import serial_map
 from data_pipeline.stages.heuristics import Heuristics
 
 STEPS = ("score", "dedup", "write")
@@ -52,7 +54,7 @@ class PipelineError(RuntimeError):
 def score_part(part: Part, cfg: CurateConfig, heuristics: Heuristics, parts_dir: Path) -> dict:
     """Read one input file, run every per-row stage, store the scored rows; return a summary."""
     raw = read_part(part, cfg.sources[part.source_index])
-    batches = [signatures(heuristics(validate(raw.iloc[start:start + cfg.batch_rows], cfg.decode)))
+    batches = [heuristics(validate(raw.iloc[start:start + cfg.batch_rows], cfg.decode))
                for start in range(0, max(len(raw), 1), cfg.batch_rows)]
     scored = pd.concat(batches, ignore_index=True).drop(columns=_DROPPED_AFTER_SCORING)
     scored.insert(0, "part_id", part.part_id)
@@ -122,6 +124,12 @@ class RayExecutor:
         infos = [json.loads(row["info"]) for row in dataset.iter_rows()]
         return sorted(infos, key=lambda info: info["name"])
 
+    def map_shared(self, function: Callable, shared, items: list[tuple]) -> list:
+        """``function(shared, *item)`` per item as Ray tasks; ``shared`` goes to the object store once."""
+        remote = self.ray.remote(num_cpus=self.cfg.ray.cpus_per_worker)(function)
+        shared_ref = self.ray.put(shared)
+        return self.ray.get([remote.remote(shared_ref, *item) for item in items])
+
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
@@ -140,6 +148,8 @@ class LocalExecutor:
 
     def write_shards(self, plans: list[ShardPlan], parts_dir: Path, out_dir: Path) -> list[dict]:
         return [write_shard(plan, parts_dir, out_dir) for plan in plans]
+
+    map_shared = staticmethod(serial_map)
 
     def close(self) -> None:
         pass
@@ -179,7 +189,8 @@ class Run:
     def missing_parts(self) -> list[Part]:
         return [p for p in self.parts if not (self.parts_dir / f"{p.part_id}.parquet").is_file()]
 
-    def scored_rows(self) -> pd.DataFrame:
+    def scored_rows(self, with_thumbnails: bool = False) -> pd.DataFrame:
+        """Every scored row without image bytes (with the 32×32 thumbnails when asked, for dedup)."""
         missing = self.missing_parts()
         if missing:
             raise PipelineError(f"{len(missing)} part(s) are not scored yet (first: {missing[0].path}); "
@@ -187,7 +198,8 @@ class Run:
         frames = []
         for part in self.parts:
             path = self.parts_dir / f"{part.part_id}.parquet"
-            columns = [c for c in pq.read_schema(path).names if c not in _METADATA_EXCLUDED]
+            columns = [c for c in pq.read_schema(path).names
+                       if c not in _METADATA_EXCLUDED or (with_thumbnails and c == "thumbnail")]
             frames.append(pq.read_table(path, columns=columns).to_pandas())
         return pd.concat(frames, ignore_index=True)
 
@@ -200,29 +212,37 @@ def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None
     state.prepare(log)
     steps = list(steps)
     executor = None
+
+    def executor_started():  # Ray starts once, when the first step needs it
+        nonlocal executor
+        executor = executor or (RayExecutor(cfg, ray_address) if use_ray else LocalExecutor(cfg))
+        return executor
+
     try:
         if "score" in steps:
             pending = state.missing_parts()
             if pending:
-                executor = executor or (RayExecutor(cfg, ray_address) if use_ray else LocalExecutor(cfg))
-                _score(executor, pending, state, cfg.progress)
+                _score(executor_started(), pending, state, cfg.progress)
             log(f"score: {len(state.parts)} part(s) scored ({len(state.parts) - len(pending)} from an earlier run)")
         if "dedup" in steps:
-            rows = state.scored_rows()
-            duplicates = find_duplicates(rows[eligible_for_dedup(rows)], cfg.dedup)
+            rows = state.scored_rows(with_thumbnails=True)
+            # Chunks for every worker to verify near-duplicate candidates in parallel (one in a plain run).
+            chunks = 2 * cfg.ray.workers if use_ray else 1
+            duplicates = find_duplicates(rows[eligible_for_dedup(rows)], cfg.dedup, executor_started().map_shared,
+                                         chunks)
             _write_parquet(duplicates, state.duplicates)
             log(f"dedup: {len(duplicates)} duplicate(s) among {int(eligible_for_dedup(rows).sum())} eligible rows")
         if "write" not in steps:
             return None
         if not state.duplicates.is_file():
             raise PipelineError("deduplication has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
-        rows = state.scored_rows()
+        if "dedup" not in steps:
+            rows = state.scored_rows()
         decisions = decide(rows, pd.read_parquet(state.duplicates))
         kept = rows.loc[decisions["kept"].to_numpy(), ["part_id", "uid"]]
         plans = plan_shards(kept, cfg.output.samples_per_shard)
         _reset_shards_if_replanned(state, plans)
-        executor = executor or (RayExecutor(cfg, ray_address) if use_ray else LocalExecutor(cfg))
-        infos = executor.write_shards(plans, state.parts_dir, state.shards_dir) if plans else []
+        infos = executor_started().write_shards(plans, state.parts_dir, state.shards_dir) if plans else []
         _write_parquet(decisions, state.decisions)
         manifest = {
             "funnel": funnel(decisions),

@@ -15,7 +15,7 @@ DECISION_COLUMNS = [
     "uid", "sha256", "source", "file", "key", "kept", "reason", "duplicate_of", "notes",
     "width", "height", "image_format", "image_mode", "file_bytes", "url",
     "caption_chars", "caption_words", "min_side", "aspect_ratio", "language", "language_confidence",
-    "repeated_word_fraction", "symbol_fraction", "phash",
+    "repeated_word_fraction", "symbol_fraction",
     *(f"flag_{rule}" for rule in RULES),
 ]
 

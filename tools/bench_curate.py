@@ -66,6 +66,7 @@ def main() -> None:
             f"ray.workers={args.cpus}"])
 
     quiet = lambda message: None  # noqa: E731
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     manifest = run(config("plain"), use_ray=False, log=quiet)
     plain_s = time.perf_counter() - started
@@ -86,7 +87,8 @@ def main() -> None:
     ray.shutdown()
     assert ray_manifest["funnel"] == manifest["funnel"], "Ray and plain runs disagree"
 
-    print(f"pool: {rows} pairs, kept {manifest['funnel']['rows']['kept']}; machine: {os.cpu_count()} cores")
+    print(f"pool: {rows} pairs, kept {manifest['funnel']['rows']['kept']}; machine: {os.cpu_count()} cores, "
+          f"load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f} (other jobs share the cores)")
     print(f"plain Python, 1 process : {plain_s:6.1f} s  {rows / plain_s:7.0f} rows/s  "
           f"peak RSS {driver_peak_plain / 2**20:.0f} MiB")
     print(f"Ray Data, {args.cpus} CPUs        : {ray_s:6.1f} s  {rows / ray_s:7.0f} rows/s  "

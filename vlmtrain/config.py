@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -189,24 +189,29 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML file (or start from defaults), apply overrides, build and validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    for item in overrides:
-        apply_override(raw, item)
-    raw = _resolve_model_preset(raw)
+    raw = _resolve_model_preset(read_yaml_with_overrides(path, overrides))
     _apply_loss_defaults(raw)
     cfg = from_dict(TrainConfig, raw)
     cfg.check()
     return cfg
+
+
+def read_yaml_with_overrides(path: str | Path | None, overrides: Sequence[str] = (), what: str = "config file") -> dict:
+    """The mapping in a YAML file (empty without one) with ``key.sub=value`` overrides applied."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{what} not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{what} {path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return raw
 
 
 def apply_override(raw: dict, item: str) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from vlmtrain.config import ConfigError, from_dict
+from vlmtrain.config import ConfigError, from_dict, read_yaml_with_overrides
 from vlmtrain.eval.confusion import write_confusion_png
 from vlmtrain.eval.datasets import (CLASSIFICATION, RETRIEVAL, DecodeReport, EvalDataError, EvalSet,
                                     discover_eval_sets, eval_batches, open_eval_set)
@@ -56,17 +55,7 @@ class SuiteConfig:
 
 def load_suite_config(path: str | Path, overrides: Sequence[str] = ()) -> SuiteConfig:
     """Read a suite YAML, apply ``key=value`` overrides; mistakes name the key."""
-    from vlmtrain.config import apply_override
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"suite file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"suite file {path} is not valid YAML: {err}") from None
-    for item in overrides:
-        apply_override(raw, item)
+    raw = read_yaml_with_overrides(path, overrides, what="suite file")
     suite = from_dict(SuiteConfig, raw)
     if (suite.checkpoint is None) == (suite.model is None):
         raise ConfigError(f"{path}: give exactly one of 'checkpoint' (our run/export/DeepSpeed checkpoint) "

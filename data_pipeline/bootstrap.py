@@ -1,0 +1,294 @@
+"""`vlm-curate bootstrap`: train a CLIP scorer on the pool, prune the pool by its CLIP scores, retrain.
+
+Round 0 trains on the pool as ``vlm-curate run`` left it (heuristics + dedup). Round k ≥ 1 embeds
+the pool with round k−1's model, applies the CLIP-score rule to it, writes the pruned pool as
+shards and trains on them. Every round trains with the same config and step budget, so the rounds
+table compares like with like: round 0 is the unpruned baseline. Layout under ``output_dir``:
+
+  round-NN/run/                 the vlm-train run (its export in run/final is round NN's model)
+  round-NN/eval.json            vlm-eval zero-shot results on ``eval_sets``
+  round-NN/embeddings/          (k ≥ 1) the pool embedded by round k−1's model (stages/embed.py)
+  round-NN/decisions.parquet    (k ≥ 1) one row per pool row read: clip_score, flag_clip_score, kept, reason
+  round-NN/shards/              (k ≥ 1) the pruned pool, round k's training data
+  round-NN/round.json           the round's row of the table, written last: the round is finished
+  rounds.json, rounds.png       the table of all finished rounds
+
+A rerun resumes at the first round without ``round.json``; inside it, finished embedding shards and
+a finished pruned pool are reused, and vlm-train resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from data_pipeline.config import BootstrapConfig
+from data_pipeline.embedding import embed_pool
+from data_pipeline.shards import write_json_atomic
+from data_pipeline.stages.clip_score import select_by_clip_score
+from data_pipeline.stages.embed import ModelSpec
+
+MISMATCHED, CLEAN = "mismatched_caption", "clean"
+
+
+class BootstrapError(RuntimeError):
+    """The bootstrap cannot run: no finished pool, an empty pool, a failed training or eval."""
+
+
+@dataclass
+class Pool:
+    """A finished ``vlm-curate run``: its decisions (one row per row read) and its shards."""
+    path: Path
+    decisions: pd.DataFrame
+    shards: list[str]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Pool:
+        path = Path(path)
+        if not (path / "manifest.json").is_file():
+            raise BootstrapError(f"pool {path} is not a finished curation run (no manifest.json): "
+                                 f"run `vlm-curate run CONFIG output_dir={path}` first")
+        decisions = pd.read_parquet(path / "decisions.parquet")
+        kept = int(decisions["kept"].sum())
+        if kept == 0:
+            raise BootstrapError(f"pool {path} is empty: curation kept 0 of {len(decisions)} rows read, "
+                                 f"so there is nothing to train a scorer on")
+        return cls(path, decisions, sorted(str(p) for p in (path / "shards").glob("*.tar")))
+
+
+def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
+                  log: Callable[[str], None] = print, quiet_tools: bool = False) -> list[dict]:
+    """Run rounds 0..rounds−1, resuming at the first unfinished one; return the rounds table."""
+    if rounds < 1:
+        raise BootstrapError(f"--rounds must be at least 1 (round 0 trains the first scorer), got {rounds}")
+    pool = Pool.load(cfg.pool)
+    truth = load_ground_truth(cfg.ground_truth) if cfg.ground_truth else None
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = []
+    for number in range(rounds):
+        round_dir = out / f"round-{number:02d}"
+        done = round_dir / "round.json"
+        if done.is_file():
+            log(f"round {number}: finished in an earlier run ({done})")
+        else:
+            row = _run_round(cfg, pool, truth, number, round_dir, use_ray, log, quiet_tools)
+            write_json_atomic(done, row)
+        table.append(json.loads(done.read_text()))
+        log(format_round(table[-1]))
+        write_rounds_table(table, out)
+    return table
+
+
+def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, number: int, round_dir: Path,
+               use_ray: bool, log: Callable[[str], None], quiet: bool) -> dict:
+    round_dir.mkdir(parents=True, exist_ok=True)
+    row: dict = {"round": number, "scorer": None, "rule": None, "cutoff": None,
+                 "pool_rows": int(pool.decisions["kept"].sum())}
+    shards_dir = pool.path / "shards"
+    if number == 0:
+        decisions = pool.decisions
+    else:
+        scorer = round_dir.parent / f"round-{number - 1:02d}" / "run"
+        spec = ModelSpec(checkpoint=str(scorer))
+        scores = embed_pool(pool.shards, round_dir / "embeddings", spec, cfg.embed, use_ray=use_ray, log=log)
+        decisions, cutoff = select_by_clip_score(pool.decisions, scores, cfg.clip_score)
+        decisions.to_parquet(round_dir / "decisions.parquet", index=False)
+        shards_dir = round_dir / "shards"
+        if not shards_dir.is_dir():
+            write_pruned_shards(pool.shards, set(decisions.loc[decisions["kept"], "uid"]), shards_dir,
+                                _samples_per_shard(cfg, int(decisions["kept"].sum())))
+        row.update(scorer=str(scorer), rule=cfg.clip_score.rule, cutoff=cutoff)
+    row["kept"] = int(decisions["kept"].sum())
+    if truth is not None:
+        row["ground_truth"] = removed_pair_quality(decisions, truth)
+    run_dir = round_dir / "run"
+    train(cfg, shards_dir, run_dir, quiet, log)
+    row["checkpoint"] = str(run_dir / "final")
+    row["zero_shot"] = evaluate(cfg, run_dir, round_dir / "eval.json", quiet, log) if cfg.eval_sets else {}
+    return row
+
+
+# ------------------------------------------------------------------ ground truth
+
+
+def load_ground_truth(path: str | Path) -> pd.DataFrame:
+    """key → noise kind, from the generator's ``train/index.parquet``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BootstrapError(f"ground_truth file not found: {path} (tools/make_demo_data.py writes train/index.parquet)")
+    truth = pd.read_parquet(path)
+    missing = {"key", "noise"} - set(truth.columns)
+    if missing:
+        raise BootstrapError(f"ground_truth {path} lacks column(s) {', '.join(sorted(missing))}")
+    return truth[["key", "noise"]]
+
+
+def removed_pair_quality(decisions: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """How the CLIP-score rule did on the rows that reached it, against the generator's labels.
+
+    precision: share of removed pairs whose caption was mismatched; recall: share of the mismatched
+    pairs that reached the rule which it removed; clean_kept: share of clean pairs it kept.
+    """
+    table = decisions.merge(truth, on="key", how="left", validate="one_to_one")
+    unknown = table["noise"].isna()
+    if unknown.any():
+        raise BootstrapError(f"ground truth has no row for key {table['key'][unknown].iloc[0]!r} "
+                             f"({int(unknown.sum())} keys missing): is it the index of this pool?")
+    removed = table.get("flag_clip_score", pd.Series(False, index=table.index)).fillna(False).astype(bool)
+    reached = table["kept"] | removed
+    mismatched, clean = reached & (table["noise"] == MISMATCHED), reached & (table["noise"] == CLEAN)
+    caught = int((removed & mismatched).sum())
+    return {"mismatched_in_pool": int(mismatched.sum()), "clean_in_pool": int(clean.sum()),
+            "removed": int(removed.sum()), "removed_mismatched": caught,
+            "precision": caught / int(removed.sum()) if removed.any() else None,
+            "recall": caught / int(mismatched.sum()) if mismatched.any() else None,
+            "clean_kept": int((clean & ~removed).sum()) / int(clean.sum()) if clean.any() else None}
+
+
+# ------------------------------------------------------------------ the pruned pool
+
+
+def _samples_per_shard(cfg: BootstrapConfig, kept: int) -> int:
+    """Small enough that every vlm-train reader slot (ranks × loader workers) gets a shard."""
+    from vlmtrain.config import load_train_config
+
+    workers = load_train_config(cfg.train_config, cfg.train_overrides).data.workers
+    return max(1, min(cfg.samples_per_shard, math.ceil(kept / (cfg.nproc * max(workers, 1)))))
+
+
+def write_pruned_shards(shards: list[str], kept_uids: set[str], out_dir: Path, per_shard: int) -> list[Path]:
+    """Copy the kept samples (every member, bytes unchanged) into new shards, in pool order.
+
+    Written into a temporary folder renamed at the end, so an existing ``out_dir`` is complete.
+    """
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    written: list[Path] = []
+    writer, count = None, 0
+    for shard in shards:
+        for key, members in _samples(shard):
+            if key not in kept_uids:
+                continue
+            if writer is None or count == per_shard:
+                if writer is not None:
+                    writer.close()
+                written.append(out_dir / f"shard-{len(written):06d}.tar")
+                writer, count = tarfile.open(tmp / written[-1].name, "w", format=tarfile.USTAR_FORMAT), 0
+            for info, data in members:
+                writer.addfile(info, io.BytesIO(data))
+            count += 1
+    if writer is not None:
+        writer.close()
+    os.replace(tmp, out_dir)
+    return written
+
+
+def _samples(shard: str):
+    """(key, [(TarInfo, bytes), ...]) per webdataset sample of a tar."""
+    key, members = None, []
+    with tarfile.open(shard, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            stem = Path(info.name).name.partition(".")[0]
+            if members and stem != key:
+                yield key, members
+                members = []
+            key = stem
+            members.append((info, tar.extractfile(info).read()))
+    if members:
+        yield key, members
+
+
+# ------------------------------------------------------------------ training and evaluation (the real CLIs)
+
+
+def _tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _call(command: list[str], what: str, quiet: bool, log: Callable[[str], None]) -> None:
+    log(f"{what}: {' '.join(command)}")
+    result = subprocess.run(command, capture_output=quiet, text=True)
+    if result.returncode != 0:
+        detail = f":\n{result.stderr[-3000:]}" if quiet else ""
+        raise BootstrapError(f"{what} failed with exit code {result.returncode}{detail}")
+
+
+def train(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path, quiet: bool, log: Callable[[str], None]) -> None:
+    if (run_dir / "train_summary.json").is_file():
+        log(f"train: {run_dir} finished in an earlier run")
+        return
+    _call([_tool("vlm-train"), "--config", cfg.train_config, "--nproc-per-node", str(cfg.nproc),
+           *cfg.train_overrides, f"data.train_shards={shards_dir}", f"output_dir={run_dir}", "resume=latest"],
+          "train", quiet, log)
+
+
+def evaluate(cfg: BootstrapConfig, run_dir: Path, out: Path, quiet: bool, log: Callable[[str], None]) -> dict:
+    """vlm-eval zero-shot → {"<dataset>/<metric>": value}."""
+    _call([_tool("vlm-eval"), "zeroshot", "--checkpoint", str(run_dir), "--data", *cfg.eval_sets,
+           "--out", str(out), "--no-progress"], "eval", quiet, log)
+    return {f"{record['dataset']}/{name}": value for record in json.loads(out.read_text())
+            for name, value in record["metrics"].items() if not name.startswith("num_")}
+
+
+# ------------------------------------------------------------------ the rounds table
+
+
+def format_round(row: dict) -> str:
+    parts = [f"round {row['round']}: kept {row['kept']} of {row['pool_rows']}"]
+    if row["cutoff"] is not None:
+        parts.append(f"{row['rule']} cutoff {row['cutoff']:.4f}")
+    truth = row.get("ground_truth")
+    if truth and truth["removed"]:
+        parts.append(f"removed {truth['removed_mismatched']} of {truth['mismatched_in_pool']} mismatched pairs "
+                     f"(recall {truth['recall']:.3f}, precision {truth['precision']:.3f}), "
+                     f"kept {truth['clean_kept']:.1%} of clean pairs")
+    top1 = [f"{name.split('/')[0]} {value:.3f}" for name, value in row["zero_shot"].items() if name.endswith("/acc1")]
+    if top1:
+        parts.append("zero-shot top-1 " + ", ".join(top1))
+    return "; ".join(parts)
+
+
+def write_rounds_table(table: list[dict], out: Path) -> None:
+    write_json_atomic(out / "rounds.json", {"rounds": table})
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [row["round"] for row in table]
+    fig, (kept, quality, zero_shot) = plt.subplots(1, 3, figsize=(13, 3.6))
+    kept.bar(rounds, [row["kept"] for row in table], color="#4c72b0")
+    kept.set_title("training pairs kept")
+    for key, colour in (("recall", "#c44e52"), ("precision", "#dd8452"), ("clean_kept", "#55a868")):
+        values = [(row.get("ground_truth") or {}).get(key) for row in table]
+        points = [(r, v) for r, v in zip(rounds, values) if v is not None]
+        if points:
+            quality.plot(*zip(*points), marker="o", color=colour, label=key)
+    quality.set_title("removed pairs vs ground truth")
+    quality.set_ylim(0, 1.05)
+    names = sorted({name for row in table for name in row["zero_shot"] if name.endswith("/acc1")})
+    for name in names:
+        zero_shot.plot(rounds, [row["zero_shot"].get(name, float("nan")) for row in table], marker="o", label=name)
+    zero_shot.set_title("zero-shot top-1")
+    for axis in (kept, quality, zero_shot):
+        axis.set_xlabel("round")
+        axis.set_xticks(rounds)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "rounds.png", dpi=90)
+    plt.close(fig)
