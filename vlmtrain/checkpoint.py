@@ -164,6 +164,19 @@ def find_export(path: str | Path) -> Path:
                           f"there or under {path / EXPORT_DIR} (written at the end of vlm-train)")
 
 
+def load_initial_weights(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict for ``model_cfg`` from an export of ours or an open_clip checkpoint file."""
+    from vlmtrain.models.openclip_compat import load_openclip_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        model, exported_cfg, _ = load_exported(path)
+        if to_dict(exported_cfg) != to_dict(model_cfg):
+            raise CheckpointError(f"init_from={path}: its model config differs from this run's model")
+        return model.state_dict()
+    return load_openclip_checkpoint(path, model_cfg)
+
+
 def load_exported(path: str | Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
     """Build the model described by an export and load its weights (strictly)."""
     from vlmtrain.models.registry import build_model

@@ -159,6 +159,8 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # "latest" or a checkpoint directory (RUN/checkpoints/step_0000100) to continue from.
     resume: str = ""
+    # Weights to start from: our export (RUN or RUN/final) or a file open_clip saved (.pt/.safetensors).
+    init_from: str = ""
     steps: int = field(default=100, metadata=_at_least(1))
     zero_stage: int = field(default=2, metadata=_choices(0, 1, 2, 3))
     precision: str = field(default="fp32", metadata=_choices("fp32", "bf16"))

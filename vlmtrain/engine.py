@@ -54,6 +54,8 @@ def train(cfg: TrainConfig) -> dict:
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     model = build_model(cfg.model)
+    if cfg.init_from and not resume:
+        model.load_state_dict(checkpoint.load_initial_weights(cfg.init_from, cfg.model))
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

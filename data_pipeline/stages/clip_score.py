@@ -57,6 +57,7 @@ def select_by_clip_score(decisions: pd.DataFrame, scores: pd.DataFrame,
     out = decisions.merge(scored, on="uid", how="left", validate="one_to_one")
     flagged = out["uid"].isin(scored["uid"][~passes])
     out["flag_clip_score"] = flagged
-    out.loc[flagged, "reason"] = REASONS[cfg.rule]
+    reason = out["reason"].astype(object).where(~flagged, REASONS[cfg.rule])
+    out["reason"] = reason.where(reason.notna(), None)  # None, as in select.decide, not NaN
     out["kept"] = out["kept"] & ~flagged
     return out, cutoff

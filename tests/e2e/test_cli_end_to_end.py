@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import run_tool
 
@@ -37,3 +38,28 @@ def test_generate_train_and_evaluate_through_the_clis(small_corpus, tmp_path):
     # The table on the terminal names every dataset.
     for name in records:
         assert name in evaluation.stdout
+
+
+def test_training_can_start_from_a_checkpoint_open_clip_saved(small_corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from vlmtrain.config import load_train_config
+    from vlmtrain.models.openclip_compat import create_openclip_model, from_openclip_state_dict
+
+    model_cfg = load_train_config("configs/train/demo.yaml", ["data.train_shards=x"]).model
+    torch.manual_seed(5)
+    theirs = create_openclip_model(model_cfg)
+    torch.save(theirs.state_dict(), tmp_path / "open_clip.pt")
+
+    run_dir = tmp_path / "run"
+    train = run_tool("vlm-train", "--config", "configs/train/demo.yaml", f"data.train_shards={small_corpus / 'train'}",
+                     f"output_dir={run_dir}", "steps=1", "optim.warmup_steps=1", "optim.lr=0", "data.batch_size=8",
+                     "data.shuffle_buffer=8", f"init_from={tmp_path / 'open_clip.pt'}", "progress=false")
+    assert train.returncode == 0, train.stderr[-3000:]
+
+    # With a learning rate of 0 the exported weights are exactly the imported ones.
+    expected = from_openclip_state_dict(theirs.state_dict(), model_cfg)
+    exported = load_file(run_dir / "final" / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(exported[name], tensor, atol=0, rtol=0, msg=name)

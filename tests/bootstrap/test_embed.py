@@ -1,0 +1,131 @@
+"""Specification of the embed stage: a Ray actor pool that stores float16 embeddings and the cosine per uid."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from webdataset import TarWriter
+
+from data_pipeline.cli import main as curate_main
+from data_pipeline.config import EmbedConfig
+from data_pipeline.embedding import embed_pool
+from data_pipeline.stages.embed import EmbedError, ModelSpec, read_shard, shard_outputs
+from tests.conftest import REPO
+from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE
+from vlmtrain.config import ModelConfig, TextConfig, VisionConfig, to_dict
+from vlmtrain.models.openclip_compat import openclip_model_config, write_openclip_dir
+from vlmtrain.models.registry import build_model
+
+os.environ.setdefault("RAY_TMPDIR", str(REPO / "build" / "ray"))
+TINY = ModelConfig(name="tiny", embed_dim=32, vision=VisionConfig(image_size=32, patch_size=8, width=32, heads=2),
+                   text=TextConfig(context_length=16, width=32, heads=2))
+QUIET = EmbedConfig(progress=False, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
+    """A random tiny CLIP as our export and as an open_clip folder holding the same weights."""
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    root = tmp_path_factory.mktemp("tiny_model")
+    export = root / "final"
+    export.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export / WEIGHTS_FILE))
+    (export / META_FILE).write_text(json.dumps({"format": "vlmtrain-clip", "model": to_dict(TINY)}))
+    return model, export, write_openclip_dir(model.state_dict(), TINY, root / "open_clip")
+
+
+@pytest.fixture(scope="module")
+def pool_shards(small_corpus) -> list[str]:
+    return sorted(str(p) for p in (small_corpus / "train").glob("*.tar"))[:3]
+
+
+def open_clip_reference(folder: Path, shard: str) -> tuple[np.ndarray, np.ndarray]:
+    """A bare single-process open_clip forward over one shard: normalised image and text features."""
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    samples = list(read_shard(shard))
+    with torch.no_grad():
+        pixels = torch.stack([transform(Image.open(io.BytesIO(s.image)).convert("RGB")) for s in samples])
+        image = F.normalize(model.eval().encode_image(pixels), dim=-1)
+        text = F.normalize(model.encode_text(tokenizer([s.caption for s in samples])), dim=-1)
+    return image.numpy(), text.numpy()
+
+
+def test_ray_embed_stage_matches_a_bare_open_clip_forward_and_a_rerun_embeds_only_missing_shards(
+        tiny_model, pool_shards, tmp_path):
+    _, export, folder = tiny_model
+    out = tmp_path / "emb"
+    index = embed_pool(pool_shards, out, ModelSpec(checkpoint=str(export)), QUIET, use_ray=True)
+
+    assert list(index.columns) == ["uid", "key", "row", "clip_score", "shard"] and index["uid"].is_unique
+    for shard in pool_shards:
+        files = shard_outputs(out, shard)
+        image, text = np.load(files["image"]), np.load(files["text"])
+        assert image.dtype == text.dtype == np.float16 and image.shape[1] == TINY.embed_dim
+        ref_image, ref_text = open_clip_reference(folder, shard)
+        np.testing.assert_allclose(image, ref_image, atol=2e-3)  # float16 storage of unit vectors
+        np.testing.assert_allclose(text, ref_text, atol=2e-3)
+        rows = index[index["shard"] == Path(shard).name].sort_values("row")
+        assert list(rows["uid"]) == [s.uid for s in read_shard(shard)]
+        np.testing.assert_allclose(rows["clip_score"], (ref_image * ref_text).sum(1), atol=1e-5)
+
+    finished = {s: shard_outputs(out, s)["image"].stat().st_mtime_ns for s in pool_shards[1:]}
+    shard_outputs(out, pool_shards[0])["index"].unlink()  # as if killed before the first shard finished
+    messages = []
+    again = embed_pool(pool_shards, out, ModelSpec(checkpoint=str(export)), QUIET, use_ray=False,
+                       log=messages.append)
+    assert "3 shard(s) embedded (2 from an earlier run)" in messages[0]
+    assert {s: shard_outputs(out, s)["image"].stat().st_mtime_ns for s in pool_shards[1:]} == finished
+    pd.testing.assert_frame_equal(again, index)
+
+
+def test_open_clip_model_with_a_local_weights_file_gives_the_embeddings_of_the_same_weights_in_ours(
+        tiny_model, pool_shards, tmp_path):
+    _, export, folder = tiny_model
+    ours = embed_pool(pool_shards[:1], tmp_path / "ours", ModelSpec(checkpoint=str(export)), QUIET, use_ray=False)
+    name = "vlmtrain-test-embed-tiny"
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / f"{name}.json").write_text(json.dumps(openclip_model_config(TINY)))
+    open_clip.add_model_config(configs)  # how users register their own architecture
+    weights = next(folder.glob("*.safetensors"))
+    theirs = embed_pool(pool_shards[:1], tmp_path / "theirs", ModelSpec(open_clip_model=name, pretrained=str(weights)),
+                        QUIET, use_ray=False)
+    np.testing.assert_allclose(theirs["clip_score"], ours["clip_score"], atol=1e-5)
+
+
+def test_a_different_model_starts_the_embeddings_over(tiny_model, pool_shards, tmp_path):
+    _, export, folder = tiny_model
+    embed_pool(pool_shards[:1], tmp_path, ModelSpec(checkpoint=str(export)), QUIET, use_ray=False)
+    messages = []
+    embed_pool(pool_shards[:1], tmp_path, ModelSpec(open_clip_model=f"local-dir:{folder}"), QUIET, use_ray=False,
+               log=messages.append)
+    assert "embeddings of another model found; starting over" in messages[0]
+    assert "(0 from an earlier run)" in messages[1]
+
+
+def test_empty_pool_and_bad_samples_get_clear_errors(tiny_model, tmp_path, capsys):
+    _, export, _ = tiny_model
+    with pytest.raises(EmbedError, match="the pool has no shards to embed"):
+        embed_pool([], tmp_path / "none", ModelSpec(checkpoint=str(export)), QUIET)
+    empty = tmp_path / "empty_shards"
+    empty.mkdir()
+    assert curate_main(["embed", str(empty), str(tmp_path / "out"), "--checkpoint", str(export), "--no-ray"]) == 2
+    assert "the pool has no shards to embed" in capsys.readouterr().err
+
+    bad = tmp_path / "bad-000.tar"
+    with TarWriter(str(bad), encoder=False) as tar:
+        tar.write({"__key__": "broken", "jpg": b"not a jpeg", "txt": b"a red circle"})
+    with pytest.raises(EmbedError, match=r"bad-000.tar: sample 'broken': undecodable image"):
+        embed_pool([str(bad)], tmp_path / "bad", ModelSpec(checkpoint=str(export)), QUIET, use_ray=False)
