@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from vlmtrain.config import ConfigError, apply_override, from_dict, to_dict
+from vlmtrain.config import ConfigError, from_dict, read_yaml_with_overrides, to_dict
 
 SOURCE_FORMATS = ("webdataset", "parquet", "jsonl")
 
@@ -118,19 +116,7 @@ class CurateConfig:
 
 def load_curate_config(path: str | Path | None, overrides: list[str] = ()) -> CurateConfig:
     """Read a YAML file (or start from defaults), apply overrides, build and validate."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    for item in overrides:
-        apply_override(raw, item)
+    raw = read_yaml_with_overrides(path, overrides)
     cfg = from_dict(CurateConfig, raw)
     cfg.check()
     return cfg

@@ -71,8 +71,7 @@ def train(cfg: TrainConfig) -> dict:
                                  dp_size=env.world_size, seed=cfg.seed, cursor=cursor)
     loss_fn = build_loss(cfg.loss)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    meter = ThroughputMeter(samples_per_step=cfg.data.batch_size * cfg.optim.grad_accum_steps,
-                            flops_per_sample=count_flops_per_sample(cfg.model, cfg.loss),
+    meter = ThroughputMeter(flops_per_sample=count_flops_per_sample(cfg.model),
                             peak_tflops=device_peak_tflops(cfg.metrics.peak_tflops))
     metrics = MetricsLogger(run_dir, env.is_main, cfg.metrics.tensorboard, resume_step=start_step)
     key_log = (StepLog(run_dir / "sample_keys" / f"rank{env.rank}.jsonl", start_step)
@@ -163,10 +162,9 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int) -
 class ThroughputMeter:
     """Per-rank throughput between log steps; the first step (lazy init, JIT) is not timed."""
 
-    def __init__(self, samples_per_step: int, flops_per_sample: float, peak_tflops: float | None):
+    def __init__(self, flops_per_sample: float, peak_tflops: float | None):
         self.flops_per_sample = flops_per_sample
         self.peak_tflops = peak_tflops
-        self.samples_per_step = samples_per_step
         self._window = self._empty()
         self._total = self._empty()
         self.skipped = 0

@@ -20,7 +20,7 @@ CURVES_FILE = "training_curves.png"
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
 
-def count_flops_per_sample(model_cfg, loss: str, batch: int = 2) -> float:
+def count_flops_per_sample(model_cfg, batch: int = 2) -> float:
     """FLOPs of one training sample (forward + backward), counted by torch on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
