@@ -145,15 +145,16 @@ def removed_pair_quality(decisions: pd.DataFrame, truth: pd.DataFrame) -> dict:
     if unknown.any():
         raise BootstrapError(f"ground truth has no row for key {table['key'][unknown].iloc[0]!r} "
                              f"({int(unknown.sum())} keys missing): is it the index of this pool?")
-    removed = table.get("flag_clip_score", pd.Series(False, index=table.index)).fillna(False).astype(bool)
+    pruned = "flag_clip_score" in table  # round 0 has no rule: counts only
+    removed = table["flag_clip_score"].fillna(False).astype(bool) if pruned else pd.Series(False, index=table.index)
     reached = table["kept"] | removed
     mismatched, clean = reached & (table["noise"] == MISMATCHED), reached & (table["noise"] == CLEAN)
     caught = int((removed & mismatched).sum())
     return {"mismatched_in_pool": int(mismatched.sum()), "clean_in_pool": int(clean.sum()),
             "removed": int(removed.sum()), "removed_mismatched": caught,
             "precision": caught / int(removed.sum()) if removed.any() else None,
-            "recall": caught / int(mismatched.sum()) if mismatched.any() else None,
-            "clean_kept": int((clean & ~removed).sum()) / int(clean.sum()) if clean.any() else None}
+            "recall": caught / int(mismatched.sum()) if pruned and mismatched.any() else None,
+            "clean_kept": int((clean & ~removed).sum()) / int(clean.sum()) if pruned and clean.any() else None}
 
 
 # ------------------------------------------------------------------ the pruned pool

@@ -85,7 +85,12 @@ def _add_bootstrap_parser(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "bootstrap" and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides += extra  # overrides after --rounds (argparse has already closed the positional list)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("embed", "bootstrap"):
         return _scoring_main(args)
     try:

@@ -127,15 +127,9 @@ def load_curate_config(path: str | Path | None, overrides: list[str] = ()) -> Cu
 
 @dataclass
 class EmbedConfig:
-    """The embed stage: which CLIP model embeds the pool, and how the Ray actor pool runs it.
-
-    The model is a vlm-train checkpoint (``checkpoint``: run dir, export or DeepSpeed checkpoint) or an
-    open_clip model (``open_clip_model`` + a local ``pretrained`` weights file, or ``local-dir:DIR``).
-    In a bootstrap run the checkpoint is each round's scorer and is set by the round.
-    """
-    checkpoint: str = ""
-    open_clip_model: str = ""
-    pretrained: str = ""
+    """How the embed stage's Ray actor pool runs a CLIP model over the pool. The model itself (a vlm-train
+    checkpoint, or an open_clip model with a local weights file) is ``stages.embed.ModelSpec``: given on
+    the ``vlm-curate embed`` command line, or each bootstrap round's scorer (the round before it)."""
     batch_size: int = field(default=256, metadata={"min": 1})  # images per forward
     workers: int = field(default=2, metadata={"min": 1})  # model actors
     # Fractional CPUs, as for the scoring actors: whole-CPU actors deadlock Ray Data on 2 cores.
@@ -143,11 +137,6 @@ class EmbedConfig:
     threads_per_worker: int = field(default=1, metadata={"min": 1})  # torch threads inside one actor
     num_cpus: int = field(default=0, metadata={"min": 0})  # local Ray only; 0 = all cores
     progress: bool = True
-
-    def check(self, prefix: str = "embed") -> None:
-        if bool(self.checkpoint) == bool(self.open_clip_model):
-            raise ConfigError(f"give exactly one of {prefix}.checkpoint (a vlm-train run, export or DeepSpeed "
-                              f"checkpoint) and {prefix}.open_clip_model (with {prefix}.pretrained FILE)")
 
 
 CLIP_SCORE_RULES = ("threshold", "top_fraction")
@@ -184,8 +173,4 @@ def load_bootstrap_config(path: str | Path | None, overrides: list[str] = ()) ->
     """Read a bootstrap YAML (see configs/curate/bootstrap_demo.yaml), apply overrides, validate."""
     from vlmtrain.config import read_yaml_with_overrides
 
-    cfg = from_dict(BootstrapConfig, read_yaml_with_overrides(path, overrides, "bootstrap config"))
-    if cfg.embed.checkpoint or cfg.embed.open_clip_model:
-        raise ConfigError("embed.checkpoint / embed.open_clip_model are set by each bootstrap round "
-                          "(its scorer is the round before it); leave them out of the bootstrap config")
-    return cfg
+    return from_dict(BootstrapConfig, read_yaml_with_overrides(path, overrides, "bootstrap config"))

@@ -35,8 +35,14 @@ class ShardEmbedder:
         self.out_dir, self.batch_size = Path(out_dir), batch_size
 
     def __call__(self, batch: dict) -> dict:
-        return {"summary": [json.dumps(embed_shard(str(shard), self.loaded, self.out_dir, self.batch_size))
-                            for shard in batch["shard"]]}
+        return {"summary": [json.dumps(self.embed(str(shard))) for shard in batch["shard"]]}
+
+    def embed(self, shard: str) -> dict:
+        """The shard's summary, or the bad sample's message (Ray would bury the exception in its own)."""
+        try:
+            return embed_shard(shard, self.loaded, self.out_dir, self.batch_size)
+        except EmbedError as err:
+            return {"error": str(err)}
 
 
 def embed_pool(shards: list[str], out_dir: str | Path, spec: ModelSpec, cfg: EmbedConfig, use_ray: bool = True,
@@ -51,6 +57,8 @@ def embed_pool(shards: list[str], out_dir: str | Path, spec: ModelSpec, cfg: Emb
         runner = _ray_embed if use_ray else _local_embed
         with tqdm(desc="embed", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
             for done, summary in enumerate(runner(pending, out, spec, cfg), start=1):
+                if "error" in summary:
+                    raise EmbedError(summary["error"])
                 bar.update(summary["rows"])
                 bar.set_postfix_str(f"shards {done}/{len(pending)}")
     log(f"embed: {len(shards)} shard(s) embedded ({len(shards) - len(pending)} from an earlier run) in {out}")
@@ -93,4 +101,4 @@ def _local_embed(pending: list[str], out: Path, spec: ModelSpec, cfg: EmbedConfi
     """The same stage function in this process (debugging, and the benchmark's single-process side)."""
     embedder = ShardEmbedder(spec.describe(), str(out), cfg.batch_size, cfg.threads_per_worker)
     for shard in pending:
-        yield embed_shard(shard, embedder.loaded, out, cfg.batch_size)
+        yield embedder.embed(shard)

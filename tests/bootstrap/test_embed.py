@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from webdataset import TarWriter
 
+from data_pipeline.bootstrap import write_pruned_shards
 from data_pipeline.cli import main as curate_main
 from data_pipeline.config import EmbedConfig
 from data_pipeline.embedding import embed_pool
@@ -46,8 +47,12 @@ def tiny_model(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def pool_shards(small_corpus) -> list[str]:
-    return sorted(str(p) for p in (small_corpus / "train").glob("*.tar"))[:3]
+def pool_shards(small_corpus, tmp_path_factory) -> list[str]:
+    """Three shards of the generator's clean pairs (its raw pool holds corrupt images on purpose)."""
+    truth = pd.read_parquet(small_corpus / "train" / "index.parquet")
+    out = tmp_path_factory.mktemp("clean") / "shards"
+    raw = sorted(str(p) for p in (small_corpus / "train").glob("*.tar"))
+    return [str(p) for p in write_pruned_shards(raw, set(truth.loc[truth["noise"] == "clean", "key"]), out, 120)][:3]
 
 
 def open_clip_reference(folder: Path, shard: str) -> tuple[np.ndarray, np.ndarray]:
@@ -127,5 +132,6 @@ def test_empty_pool_and_bad_samples_get_clear_errors(tiny_model, tmp_path, capsy
     bad = tmp_path / "bad-000.tar"
     with TarWriter(str(bad), encoder=False) as tar:
         tar.write({"__key__": "broken", "jpg": b"not a jpeg", "txt": b"a red circle"})
-    with pytest.raises(EmbedError, match=r"bad-000.tar: sample 'broken': undecodable image"):
-        embed_pool([str(bad)], tmp_path / "bad", ModelSpec(checkpoint=str(export)), QUIET, use_ray=False)
+    for use_ray in (False, True):
+        with pytest.raises(EmbedError, match=r"bad-000.tar: sample 'broken': undecodable image"):
+            embed_pool([str(bad)], tmp_path / f"bad-{use_ray}", ModelSpec(checkpoint=str(export)), QUIET, use_ray)

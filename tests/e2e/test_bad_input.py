@@ -54,7 +54,7 @@ def test_eval_with_an_unreadable_checkpoint_directory(tmp_path, small_corpus):
 
 def test_eval_with_a_directory_that_holds_no_checkpoint(tmp_path, small_corpus):
     result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(tmp_path), "--data", str(small_corpus / "eval"))
-    assert_one_clear_error(result, "vlm-eval", "no exported model", str(tmp_path))
+    assert_one_clear_error(result, "vlm-eval", "no model in", str(tmp_path), "expected an export")
 
 
 def test_eval_with_a_missing_data_directory(tmp_path):
