@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--copy-fraction", type=float, default=0.05, help="share of rows that are planted copies")
     parser.add_argument("--threads", type=int, default=2, help="BLAS/OpenMP threads (numpy and faiss)")
     parser.add_argument("--queries", type=int, default=2000, help="rows checked against exact brute force")
-    parser.add_argument("--join-nprobe", type=int, default=4, help="GraphConfig.join_nprobe (the library default is 4)")
+    parser.add_argument("--join-nprobe", type=int, default=8, help="GraphConfig.join_nprobe (the library default is 8)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
