@@ -33,11 +33,17 @@ def run_tool(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def generate_corpus(out: Path, *, seed: int, num_train: int, samples_per_shard: int, eval_per_class: int) -> Path:
+    """Run the demo generator: OUT/train (shards + ground-truth index.parquet) and OUT/eval."""
+    result = run_tool("tools/make_demo_data.py", "--out", str(out), "--seed", str(seed), "--num-train",
+                      str(num_train), "--samples-per-shard", str(samples_per_shard), "--eval-per-class",
+                      str(eval_per_class), "--force")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A few hundred generated pairs in several shards, plus the held-out eval sets."""
-    out = tmp_path_factory.mktemp("corpus")
-    result = run_tool("tools/make_demo_data.py", "--out", str(out), "--seed", "3", "--num-train", "640",
-                      "--samples-per-shard", "160", "--eval-per-class", "3", "--force")
-    assert result.returncode == 0, result.stderr
-    return out
+    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=3, num_train=640, samples_per_shard=160,
+                           eval_per_class=3)

@@ -27,23 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     configure_runtime()
-    import torch
-
-    from vlmtrain.eval.checkpoints import load_eval_model
-    from vlmtrain.eval.suite import evaluate_all, format_table, load_suite_config, resolve_eval_sets, write_results
+    from vlmtrain.eval.suite import evaluate_and_report, load_suite_config, resolve_eval_sets
 
     with user_errors("zeroshot_eval"):
         suite = load_suite_config(args.suite, args.overrides)
-        device = suite.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        eval_sets = resolve_eval_sets(suite.datasets)
-        loaded = load_eval_model(suite.checkpoint, tag=suite.tag, model=suite.model, pretrained=suite.pretrained,
-                                 device=device)
-        records = evaluate_all(loaded.model, loaded.tokenizer, loaded.transform, eval_sets, model_name=loaded.name,
-                               batch_size=suite.batch_size, progress=not args.no_progress, device=device)
-    print(format_table(records))
-    if suite.out:
-        pictures = write_results(records, suite.out)
-        print(f"\nresults: {suite.out}" + "".join(f"\nconfusion matrix: {p}" for p in pictures))
+        evaluate_and_report(resolve_eval_sets(suite.datasets), checkpoint=suite.checkpoint, tag=suite.tag,
+                            model=suite.model, pretrained=suite.pretrained, out=suite.out,
+                            batch_size=suite.batch_size, progress=not args.no_progress, device=suite.device)
 
 
 if __name__ == "__main__":

@@ -158,25 +158,16 @@ def eval_main(argv: list[str] | None = None) -> None:
         parser.error("--pretrained goes with --model (an open_clip model name)")
 
     configure_runtime()
-    import torch
-
-    from vlmtrain.eval.checkpoints import load_eval_model
     from vlmtrain.eval.datasets import RETRIEVAL
-    from vlmtrain.eval.suite import evaluate_all, format_table, resolve_eval_sets, write_results
+    from vlmtrain.eval.suite import evaluate_and_report, resolve_eval_sets
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with user_errors("vlm-eval"):
         options = ({"classnames": args.classnames, "templates": args.templates} if args.command == "zeroshot"
                    else {})
         eval_sets = resolve_eval_sets(args.data, RETRIEVAL if args.command == "retrieval" else None, **options)
-        loaded = load_eval_model(args.checkpoint, tag=args.tag, model=args.model, pretrained=args.pretrained,
-                                 device=device)
-        records = evaluate_all(loaded.model, loaded.tokenizer, loaded.transform, eval_sets, model_name=loaded.name,
-                               batch_size=args.batch_size, progress=not args.no_progress, device=device)
-    print(format_table(records))
-    if args.out:
-        pictures = write_results(records, args.out)
-        print(f"\nresults: {args.out}" + "".join(f"\nconfusion matrix: {p}" for p in pictures))
+        evaluate_and_report(eval_sets, checkpoint=args.checkpoint, tag=args.tag, model=args.model,
+                            pretrained=args.pretrained, out=args.out, batch_size=args.batch_size,
+                            progress=not args.no_progress, device=args.device)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from data_pipeline.bootstrap import BootstrapError, Pool, run_bootstrap
 from data_pipeline.config import load_bootstrap_config, load_curate_config
 from data_pipeline.pipeline import run as curate
 from data_pipeline.stages.embed import read_shard
-from tests.conftest import REPO, run_tool
+from tests.conftest import REPO, generate_corpus
 
 pytestmark = pytest.mark.e2e
 TOP_FRACTION = 0.75
@@ -25,11 +25,8 @@ TOP_FRACTION = 0.75
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bootstrap_corpus")
-    result = run_tool("tools/make_demo_data.py", "--out", str(out), "--seed", "5", "--num-train", "1200",
-                      "--samples-per-shard", "300", "--eval-per-class", "2", "--force")
-    assert result.returncode == 0, result.stderr
-    return out
+    return generate_corpus(tmp_path_factory.mktemp("bootstrap_corpus"), seed=5, num_train=1200,
+                           samples_per_shard=300, eval_per_class=2)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from webdataset import TarWriter
 
-from tests.conftest import REPO, run_tool
+from tests.conftest import REPO, generate_corpus
 
 os.environ.setdefault("RAY_TMPDIR", str(REPO / "build" / "ray"))
 os.environ.setdefault("MPLCONFIGDIR", str(REPO / "build" / "matplotlib"))
@@ -112,10 +112,8 @@ def bad_input_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def generated_pool(tmp_path_factory) -> Path:
     """1,500 generated pairs (junk, near duplicates and mismatches flagged in index.parquet)."""
-    out = tmp_path_factory.mktemp("pool")
-    result = run_tool("tools/make_demo_data.py", "--out", str(out), "--seed", "11", "--num-train", "1500",
-                      "--samples-per-shard", "250", "--eval-per-class", "1", "--force")
-    assert result.returncode == 0, result.stderr
+    out = generate_corpus(tmp_path_factory.mktemp("pool"), seed=11, num_train=1500, samples_per_shard=250,
+                          eval_per_class=1)
     return out / "train"
 
 
