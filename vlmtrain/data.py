@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import random
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -243,15 +242,6 @@ class LoaderCursor:
         return {"positions": list(self.positions), "next_worker": self.next_worker}
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which saves and then shuts them down.
-
-    SLURM signals every process of a job step; a worker dying of it would crash the rank mid-save.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
 class TrainLoader:
     """Iterator of ``Batch`` that tracks its own cursor, so it can be saved and resumed exactly."""
 
@@ -259,8 +249,7 @@ class TrainLoader:
         self.cursor = LoaderCursor(positions=list(stream.start_positions) or [0] * stream.workers,
                                    next_worker=stream.worker_offset)
         self._loader = iter(DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, drop_last=True,
-                                       worker_init_fn=ignore_stop_signals))
+                                       persistent_workers=num_workers > 0, drop_last=True))
 
     def __iter__(self) -> "TrainLoader":
         return self

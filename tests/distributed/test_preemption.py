@@ -22,10 +22,10 @@ def command(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
             "metrics.tensorboard=false", "progress=false", *extra]
 
 
-def job_step_processes(launcher: psutil.Process) -> list[psutil.Process]:
-    """The ranks and their loader workers: what SLURM signals (the launchers are ours, not SLURM's)."""
-    return [p for p in launcher.children(recursive=True)
-            if "vlmtrain.cli" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+def training_ranks(launcher: psutil.Process) -> list[psutil.Process]:
+    """The rank processes (children of torchrun), not their loader workers."""
+    torchrun = next(p for p in launcher.children() if "torch.distributed.run" in " ".join(p.cmdline()))
+    return torchrun.children()
 
 
 def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes_from_there(small_corpus, tmp_path):
@@ -37,8 +37,8 @@ def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes_from_there(small_c
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         assert process.poll() is None and time.monotonic() < deadline, "the run did not start training"
         time.sleep(0.2)
-    for task in job_step_processes(psutil.Process(process.pid)):
-        task.send_signal(signal.SIGTERM)
+    for rank in training_ranks(psutil.Process(process.pid)):
+        rank.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
 
     assert process.returncode == 0, output[-3000:]
