@@ -285,20 +285,18 @@ def model_scalars(engine) -> dict:
 
 def check_resumable(sidecar: dict, cfg: TrainConfig, world_size: int, fingerprint: str) -> None:
     """An exact resume needs the same model, optimizer, seed, ranks and data as the checkpoint."""
-    from vlmtrain.checkpoint import CheckpointError
-
     saved, now = sidecar["config"], to_dict(cfg)
     changed = [key for key in RESUME_INVARIANTS if saved[key] != now[key]]
     for key in ("batch_size", "workers"):
         if saved["data"][key] != now["data"][key]:
             changed.append(f"data.{key}")
     if changed:
-        raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
+        raise checkpoint.CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
     if sidecar["world_size"] != world_size:
-        raise CheckpointError(f"cannot resume: the checkpoint has {sidecar['world_size']} data-parallel "
+        raise checkpoint.CheckpointError(f"cannot resume: the checkpoint has {sidecar['world_size']} data-parallel "
                               f"rank(s), this run {world_size}")
     if sidecar["data_fingerprint"] != fingerprint:
-        raise CheckpointError("cannot resume: the training shards changed since the checkpoint "
+        raise checkpoint.CheckpointError("cannot resume: the training shards changed since the checkpoint "
                               "(names, sizes, weights or order options)")
 
 
