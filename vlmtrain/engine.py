@@ -294,10 +294,10 @@ def check_resumable(sidecar: dict, cfg: TrainConfig, world_size: int, fingerprin
         raise checkpoint.CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
     if sidecar["world_size"] != world_size:
         raise checkpoint.CheckpointError(f"cannot resume: the checkpoint has {sidecar['world_size']} data-parallel "
-                              f"rank(s), this run {world_size}")
+                                         f"rank(s), this run {world_size}")
     if sidecar["data_fingerprint"] != fingerprint:
         raise checkpoint.CheckpointError("cannot resume: the training shards changed since the checkpoint "
-                              "(names, sizes, weights or order options)")
+                                         "(names, sizes, weights or order options)")
 
 
 def sum_over_ranks(value: float) -> float:
