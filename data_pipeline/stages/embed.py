@@ -1,14 +1,16 @@
-"""Embed stage: a CLIP model over webdataset shards → image and text embeddings and their cosine.
+"""Embed stage: a CLIP model over image-text samples → image and text embeddings and their cosine.
 
 Plain functions, no Ray (``data_pipeline.embedding`` runs them on an actor pool). The unit of work
-and of resuming is one input shard; its outputs, under the embeddings directory, are
+and of resuming is an ``EmbedJob``: a webdataset shard, or chosen rows of a scored part of a
+curation run (``.work/parts/<part>.parquet``, which holds the image bytes). Its outputs, under the
+embeddings directory, are
 
-  image-<shard>.npy, text-<shard>.npy   float16 (rows, dim), L2-normalised, rows in shard order
-  index-<shard>.parquet                 uid (the sample's ``__key__``: the uid in curated shards),
-                                        key (the source key from the json sidecar), row, clip_score
+  image-<name>.npy, text-<name>.npy     float16 (rows, dim), L2-normalised, rows in job order
+  index-<name>.parquet                  uid (a shard sample's ``__key__``: the uid in curated shards),
+                                        key (the source key), row, clip_score
 
 ``clip_score`` is the cosine of the float32 features, before the float16 cast. The index file is
-written last and atomically, so a shard whose index exists is complete.
+written last and atomically, so a job whose index exists is complete.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import io
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +33,7 @@ CAPTION_EXT = "txt"
 
 
 class EmbedError(ValueError):
-    """A sample cannot be embedded (no image, undecodable image, no caption); names shard and key."""
+    """A sample cannot be embedded (no image, undecodable image, no caption); names its file and key."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,27 @@ class ModelSpec:
                 "pretrained": self.pretrained}
 
 
+@dataclass(frozen=True)
+class EmbedJob:
+    """One unit of embedding work: a ``.tar`` shard (every sample), or a scored part ``.parquet`` (the
+    rows ``uids``, in the part's order). ``name`` is the stem of the job's output files."""
+    name: str
+    path: str
+    uids: tuple[str, ...] | None = None
+
+    @classmethod
+    def shard(cls, path: str | Path) -> EmbedJob:
+        return cls(Path(path).name.removesuffix(".tar"), str(path))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> EmbedJob:
+        raw = json.loads(text)
+        return cls(raw["name"], raw["path"], None if raw["uids"] is None else tuple(raw["uids"]))
+
+
 @dataclass
 class Sample:
     uid: str
@@ -62,7 +85,11 @@ class Sample:
 
 
 def shard_outputs(out_dir: Path, shard: str) -> dict[str, Path]:
-    stem = Path(shard).name.removesuffix(".tar")
+    return job_outputs(out_dir, EmbedJob.shard(shard))
+
+
+def job_outputs(out_dir: Path, job: EmbedJob) -> dict[str, Path]:
+    stem = job.name
     return {"image": out_dir / f"image-{stem}.npy", "text": out_dir / f"text-{stem}.npy",
             "index": out_dir / f"index-{stem}.parquet"}
 
@@ -84,6 +111,24 @@ def read_shard(path: str) -> Iterator[Sample]:
         yield _sample(current, path)
 
 
+def read_scored_rows(path: str, uids: tuple[str, ...] | None) -> Iterator[Sample]:
+    """Rows of a curation run's scored part (the stored image: the re-encoded one when there is one)."""
+    table = pq.read_table(path, columns=["uid", "key", "image", "image_out", "caption"]).to_pandas()
+    if uids is not None:
+        table = table[table["uid"].isin(set(uids))]
+    for row in table.itertuples(index=False):
+        image = row.image_out if row.image_out is not None else row.image
+        if image is None or not isinstance(row.caption, str):
+            raise EmbedError(f"{path}: row {row.uid!r} has no {'image' if image is None else 'caption'}")
+        yield Sample(uid=row.uid, key=row.key, image=image, caption=row.caption)
+
+
+def read_job(job: EmbedJob) -> Iterator[Sample]:
+    if job.path.endswith(".tar"):
+        return read_shard(job.path)
+    return read_scored_rows(job.path, job.uids)
+
+
 def _sample(fields: dict, shard: str) -> Sample:
     key = fields["__key__"]
     image = next((fields[ext] for ext in IMAGE_EXTS if ext in fields), None)
@@ -95,12 +140,12 @@ def _sample(fields: dict, shard: str) -> Sample:
     return Sample(uid=key, key=meta.get("key"), image=image, caption=fields[CAPTION_EXT].decode("utf-8"))
 
 
-def decode_rgb(sample: Sample, shard: str) -> Image.Image:
+def decode_rgb(sample: Sample, source: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(sample.image)) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise EmbedError(f"{shard}: sample {sample.uid!r}: undecodable image ({err})") from None
+        raise EmbedError(f"{source}: sample {sample.uid!r}: undecodable image ({err})") from None
 
 
 def embed_batch(model, pixels, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,21 +159,21 @@ def embed_batch(model, pixels, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return image.numpy(), text.numpy(), (image * text).sum(-1).numpy()
 
 
-def embed_shard(shard: str, loaded, out_dir: Path, batch_size: int) -> dict:
-    """Embed every sample of one shard with ``loaded`` (an ``EvalModel``); write its outputs."""
+def embed_job(job: EmbedJob, loaded, out_dir: Path, batch_size: int) -> dict:
+    """Embed every sample of one job with ``loaded`` (an ``EvalModel``); write its outputs."""
     import torch
 
-    samples = list(read_shard(shard))
+    samples = list(read_job(job))
     images, texts, scores = [], [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        pixels = torch.stack([loaded.transform(decode_rgb(s, shard)) for s in chunk])
+        pixels = torch.stack([loaded.transform(decode_rgb(s, job.path)) for s in chunk])
         tokens = loaded.tokenizer([s.caption for s in chunk])
         image, text, score = embed_batch(loaded.model, pixels, tokens)
         images.append(image)
         texts.append(text)
         scores.append(score)
-    outputs = shard_outputs(out_dir, shard)
+    outputs = job_outputs(out_dir, job)
     dim = images[0].shape[1] if images else 0
     _save_npy(outputs["image"], np.concatenate(images) if images else np.zeros((0, dim)))
     _save_npy(outputs["text"], np.concatenate(texts) if texts else np.zeros((0, dim)))
@@ -139,7 +184,7 @@ def embed_shard(shard: str, loaded, out_dir: Path, batch_size: int) -> dict:
     tmp = outputs["index"].with_suffix(".parquet.tmp")
     pq.write_table(pa.Table.from_pandas(index, preserve_index=False), tmp)
     os.replace(tmp, outputs["index"])
-    return {"shard": Path(shard).name, "rows": len(samples)}
+    return {"job": job.name, "rows": len(samples)}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

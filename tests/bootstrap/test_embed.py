@@ -90,7 +90,7 @@ def test_ray_embed_stage_matches_a_bare_open_clip_forward_and_a_rerun_embeds_onl
     messages = []
     again = embed_pool(pool_shards, out, ModelSpec(checkpoint=str(export)), QUIET, use_ray=False,
                        log=messages.append)
-    assert "3 shard(s) embedded (2 from an earlier run)" in messages[0]
+    assert "3 job(s) embedded (2 from an earlier run)" in messages[0]
     assert {s: shard_outputs(out, s)["image"].stat().st_mtime_ns for s in pool_shards[1:]} == finished
     pd.testing.assert_frame_equal(again, index)
 
@@ -122,12 +122,12 @@ def test_a_different_model_starts_the_embeddings_over(tiny_model, pool_shards, t
 
 def test_empty_pool_and_bad_samples_get_clear_errors(tiny_model, tmp_path, capsys):
     _, export, _ = tiny_model
-    with pytest.raises(EmbedError, match="the pool has no shards to embed"):
+    with pytest.raises(EmbedError, match="the pool has nothing to embed"):
         embed_pool([], tmp_path / "none", ModelSpec(checkpoint=str(export)), QUIET)
     empty = tmp_path / "empty_shards"
     empty.mkdir()
     assert curate_main(["embed", str(empty), str(tmp_path / "out"), "--checkpoint", str(export), "--no-ray"]) == 2
-    assert "the pool has no shards to embed" in capsys.readouterr().err
+    assert "the pool has nothing to embed (no shards" in capsys.readouterr().err
 
     bad = tmp_path / "bad-000.tar"
     with TarWriter(str(bad), encoder=False) as tar:
