@@ -1,10 +1,17 @@
-"""Run the embed stage over a pool's shards on a Ray actor pool: resumable, with images/s.
+"""Run the embed stage over a pool on long-lived model workers: resumable, with images/s.
 
-Each actor loads the model once (with its own eval transform and tokenizer) and embeds whole
-jobs: shards, or rows of a curation run's scored parts (see ``data_pipeline.stages.embed`` for the
-files a job produces). A rerun embeds only the jobs without a finished index file. ``OUT/model.json`` records the model: embeddings made by
-a different model are deleted before anything is reused. ``OUT/index.parquet`` (uid, key, shard,
-row, clip_score for every embedded sample; ``shard`` names the job's input file) is written last.
+``EmbedWorkers`` holds the model workers: Ray actors (or, for debugging, this process), each
+loading the model once with its own eval transform and tokenizer and then embedding whole jobs:
+shards, or rows of a curation run's scored parts (see ``data_pipeline.stages.embed`` for the files a
+job produces). Loading the model costs seconds per actor, so one set of workers serves every
+``embed_pool`` call made with it (a pool, then its eval and seed sets). Jobs go to whichever actor is
+free (``ray.util.ActorPool``); the actors read their inputs and write their outputs themselves, so
+only job descriptions and summaries travel through Ray.
+
+A rerun embeds only the jobs without a finished index file. ``OUT/model.json`` records the model:
+embeddings made by a different model are deleted before anything is reused. ``OUT/index.parquet``
+(uid, key, shard, row, clip_score for every embedded sample; ``shard`` names the job's input file) is
+written last.
 """
 from __future__ import annotations
 
@@ -24,50 +31,113 @@ INDEX_FILE = "index.parquet"
 MODEL_FILE = "model.json"
 
 
-class ShardEmbedder:
-    """A Ray Data actor: loads the model once, then embeds one job per call."""
+class JobEmbedder:
+    """One model worker (a Ray actor, or an object in this process): loads the model once, then embeds jobs."""
 
-    def __init__(self, spec: dict, out_dir: str, batch_size: int, threads: int):
+    def __init__(self, spec: dict, batch_size: int, threads: int):
         import torch
 
         torch.set_num_threads(threads)
         self.loaded = ModelSpec(**spec).load()
-        self.out_dir, self.batch_size = Path(out_dir), batch_size
+        self.batch_size = batch_size
 
-    def __call__(self, batch: dict) -> dict:
-        return {"summary": [json.dumps(self.embed(EmbedJob.from_json(job))) for job in batch["job"]]}
-
-    def embed(self, job: EmbedJob) -> dict:
+    def embed(self, job: str, out_dir: str) -> dict:
         """The job's summary, or the bad sample's message (Ray would bury the exception in its own)."""
         try:
-            return embed_job(job, self.loaded, self.out_dir, self.batch_size)
+            return embed_job(EmbedJob.from_json(job), self.loaded, Path(out_dir), self.batch_size)
         except EmbedError as err:
             return {"error": str(err)}
 
 
+class EmbedWorkers:
+    """Up to ``cfg.workers`` model workers for one model, started on first use and kept until ``close``."""
+
+    def __init__(self, spec: ModelSpec, cfg: EmbedConfig, use_ray: bool = True):
+        self.spec, self.cfg, self.use_ray = spec, cfg, use_ray
+        self.actors: list = []
+        self.local: JobEmbedder | None = None
+        self.started_ray = False
+
+    def __enter__(self) -> EmbedWorkers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, jobs: list[EmbedJob], out: Path) -> Iterator[dict]:
+        """Each job's summary as it finishes (in completion order)."""
+        if not self.use_ray:
+            self.local = self.local or JobEmbedder(self.spec.describe(), self.cfg.batch_size,
+                                                   self.cfg.threads_per_worker)
+            for job in jobs:
+                yield self.local.embed(job.to_json(), str(out))
+            return
+        from ray.util import ActorPool
+
+        self._start_actors(min(self.cfg.workers, len(jobs)))
+        pool = ActorPool(self.actors)
+        yield from pool.map_unordered(lambda actor, job: actor.embed.remote(job.to_json(), str(out)), jobs)
+
+    def _start_actors(self, wanted: int) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=self.cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
+            self.started_ray = True
+        # Fractional CPUs: the actors share a small machine with the curation's own Ray tasks.
+        remote = ray.remote(num_cpus=self.cfg.cpus_per_worker)(JobEmbedder)
+        args = (self.spec.describe(), self.cfg.batch_size, self.cfg.threads_per_worker)
+        self.actors += [remote.remote(*args) for _ in range(wanted - len(self.actors))]
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+            if self.started_ray:
+                ray.shutdown()
+                self.started_ray = False
+        self.local = None
+
+
 def embed_pool(jobs: list[str] | list[EmbedJob], out_dir: str | Path, spec: ModelSpec, cfg: EmbedConfig,
-               use_ray: bool = True, log: Callable[[str], None] = print) -> pd.DataFrame:
+               use_ray: bool = True, log: Callable[[str], None] = print,
+               workers: EmbedWorkers | None = None) -> pd.DataFrame:
     """Embed every sample of ``jobs`` (shard paths or ``EmbedJob``s) into ``out_dir``, skipping finished
-    jobs; return the index of all of them, in job order."""
+    jobs; return the index of all of them, in job order. ``workers``: model workers to reuse (their
+    model must be ``spec``); by default workers are started for this call and stopped after it."""
     if not jobs:
         raise EmbedError("the pool has nothing to embed (no shards or rows: an empty pool, nothing was kept upstream)")
+    if workers is not None and workers.spec != spec:
+        raise ValueError(f"embed_pool: the workers run {workers.spec.describe()}, not {spec.describe()}")
     jobs = [job if isinstance(job, EmbedJob) else EmbedJob.shard(job) for job in jobs]
     out = Path(out_dir)
     _reset_if_other_model(out, spec, log)
     pending = [job for job in jobs if not _finished(out, job)]
     if pending:
-        runner = _ray_embed if use_ray else _local_embed
-        with tqdm(desc="embed", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
-            for done, summary in enumerate(runner(pending, out, spec, cfg), start=1):
-                if "error" in summary:
-                    raise EmbedError(summary["error"])
-                bar.update(summary["rows"])
-                bar.set_postfix_str(f"jobs {done}/{len(pending)}")
+        own_workers = workers is None
+        workers = workers or EmbedWorkers(spec, cfg, use_ray)
+        try:
+            _run_with_progress(workers, pending, out, cfg.progress)
+        finally:
+            if own_workers:
+                workers.close()
     log(f"embed: {len(jobs)} job(s) embedded ({len(jobs) - len(pending)} from an earlier run) in {out}")
     index = pd.concat([pd.read_parquet(job_outputs(out, job)["index"]).assign(shard=Path(job.path).name)
                        for job in jobs], ignore_index=True)
     index.to_parquet(out / INDEX_FILE, index=False)
     return index
+
+
+def _run_with_progress(workers: EmbedWorkers, pending: list[EmbedJob], out: Path, progress: bool) -> None:
+    with tqdm(desc="embed", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for done, summary in enumerate(workers.run(pending, out), start=1):
+            if "error" in summary:
+                raise EmbedError(summary["error"])
+            bar.update(summary["rows"])
+            bar.set_postfix_str(f"jobs {done}/{len(pending)}")
 
 
 def _finished(out: Path, job: EmbedJob) -> bool:
@@ -85,31 +155,3 @@ def _reset_if_other_model(out: Path, spec: ModelSpec, log: Callable[[str], None]
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stamp, spec.describe())
-
-
-def _ray_embed(pending: list[EmbedJob], out: Path, spec: ModelSpec, cfg: EmbedConfig) -> Iterator[dict]:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours shows images/s
-    try:
-        items = [{"job": job.to_json()} for job in pending]
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardEmbedder, batch_size=1, num_cpus=cfg.cpus_per_worker,
-            fn_constructor_kwargs={"spec": spec.describe(), "out_dir": str(out), "batch_size": cfg.batch_size,
-                                   "threads": cfg.threads_per_worker},
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.workers, len(pending))))
-        for row in dataset.iter_rows():
-            yield json.loads(row["summary"])
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _local_embed(pending: list[EmbedJob], out: Path, spec: ModelSpec, cfg: EmbedConfig) -> Iterator[dict]:
-    """The same stage function in this process (debugging, and the benchmark's single-process side)."""
-    embedder = ShardEmbedder(spec.describe(), str(out), cfg.batch_size, cfg.threads_per_worker)
-    for job in pending:
-        yield embedder.embed(job)
