@@ -15,13 +15,16 @@ data-parallel rank, so they see the same batches.
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import io
 import itertools
 import logging
+import multiprocessing
 import os
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -242,6 +245,28 @@ class LoaderCursor:
         return {"positions": list(self.positions), "next_worker": self.next_worker}
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to their rank, which saves and then shuts them down.
+
+    SLURM's scancel signals every process of a job step; a worker dying of it would crash its rank
+    before the rank could save.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def kill_loader_workers() -> None:
+    """At interpreter exit, SIGKILL the daemonic children (this rank's loader workers).
+
+    multiprocessing's own exit hook stops them with SIGTERM, which they ignore, and then joins them
+    without a timeout: a rank leaving by any path other than a finished loader would hang forever.
+    Registered after that hook, this one runs before it (atexit is last in, first out).
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 class TrainLoader:
     """Iterator of ``Batch`` that tracks its own cursor, so it can be saved and resumed exactly."""
 
@@ -249,7 +274,11 @@ class TrainLoader:
         self.cursor = LoaderCursor(positions=list(stream.start_positions) or [0] * stream.workers,
                                    next_worker=stream.worker_offset)
         self._loader = iter(DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, drop_last=True))
+                                       persistent_workers=num_workers > 0, drop_last=True,
+                                       worker_init_fn=ignore_stop_signals))
+        if num_workers > 0:
+            atexit.unregister(kill_loader_workers)  # once, and after multiprocessing's own hook
+            atexit.register(kill_loader_workers)
 
     def __iter__(self) -> "TrainLoader":
         return self

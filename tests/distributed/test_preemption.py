@@ -1,5 +1,5 @@
-"""SIGTERM (what SLURM sends before pre-emption) makes every rank save after the same step and
-exit cleanly; `resume=latest` continues from that step."""
+"""SIGTERM (what SLURM sends before pre-emption, to every process of the job step) makes every rank
+save after the same step and exit cleanly; `resume=latest` continues from that step."""
 import json
 import signal
 import subprocess
@@ -38,7 +38,8 @@ def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes_from_there(small_c
         assert process.poll() is None and time.monotonic() < deadline, "the run did not start training"
         time.sleep(0.2)
     for rank in training_ranks(psutil.Process(process.pid)):
-        rank.send_signal(signal.SIGTERM)
+        for target in (rank, *rank.children()):  # as scancel does: the ranks and their loader workers
+            target.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
 
     assert process.returncode == 0, output[-3000:]
