@@ -10,7 +10,7 @@ from data_pipeline.sources import SourceError
 
 EPILOG = """\
 commands:
-  run CONFIG [key=value ...]     score → dedup → write; a rerun after a kill resumes
+  run CONFIG [key=value ...]     score → dedup → [embed] → write; a rerun after a kill resumes
   score | dedup | write CONFIG   one step (each needs the step before it to have run)
   report OUT                     funnel, histograms and rejected examples of a finished run
   embed SHARDS OUT --checkpoint RUN | --model NAME --pretrained FILE
@@ -18,11 +18,19 @@ commands:
   bootstrap CONFIG --rounds R    train a scorer on a curated pool, prune it by CLIP score, retrain;
                                  a rounds table (JSON + PNG); a rerun resumes at the first unfinished round
 
+embedding stages (optional `embedding:` section; configs/curate/embedding_stages.yaml):
+  the embed step runs a CLIP model (embedding.model) over the rows heuristics and dedup kept, then the
+  write step applies, in this order, each enabled stage to the rows still kept:
+  clip_score → copy_dedup → semdedup → decontaminate (eval_sets) → retrieval (seed_sets) → balance
+  every drop is recorded in decisions.parquet (clip_score_below_threshold / clip_score_not_in_top_fraction,
+  copy_duplicate, semantic_duplicate, eval_contamination, not_retrieved, not_sampled) and in the funnel;
+  changing only the embedding section reuses the scored parts and the embeddings of the same model
+
 outputs under output_dir:
   shards/shard-NNNNNN.tar   webdataset samples (jpg/png/webp, txt, json) ready for vlm-train
   decisions.parquet         one row per sample read: uid, sha256, source, scores, flags, kept, reason
   manifest.json             rows per stage, rejections per reason, shard list with sha256, config
-  .work/                    per-input-file scored parts and duplicates (what a rerun reuses)
+  .work/                    per-input-file scored parts, duplicates, embeddings (what a rerun reuses)
 
 examples:
   vlm-curate run configs/curate/demo.yaml output_dir=curated 'sources=[{format: webdataset, path: data/train}]'
@@ -36,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read raw image-text pairs, validate, filter and deduplicate them on Ray Data, and write "
                     "webdataset shards plus a record of why each sample was kept or rejected.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in (("run", "all steps, resuming finished work"), ("score", "read, decode, filter, hash"),
+    run_help = ("all steps, resuming finished work: score, dedup, embed (CLIP embeddings, when the config has "
+                "an embedding section) and write (selection: heuristics, dedup, then the enabled embedding stages "
+                "clip_score, copy_dedup, semdedup, decontaminate, retrieval, balance)")
+    for name, text in (("run", run_help), ("score", "read, decode, filter, hash"),
                        ("dedup", "exact and near-duplicate search"), ("write", "select, write shards + manifest")):
         step = commands.add_parser(name, help=text, description=text)
         step.add_argument("config", type=Path, help="curation YAML (see configs/curate/)")
@@ -144,9 +155,9 @@ def _scoring_main(args: argparse.Namespace) -> int:
 
 
 def format_funnel(funnel: dict) -> str:
+    """Rows after each stage the run had (the embedding stages only when enabled), then rejections by reason."""
     rows = funnel["rows"]
-    lines = ["funnel: " + " → ".join(f"{stage} {rows[stage]}" for stage in
-                                     ("read", "validate", "heuristics", "exact_dedup", "near_dedup")),
+    lines = ["funnel: " + " → ".join(f"{stage} {count}" for stage, count in rows.items() if stage != "kept"),
              f"kept {rows['kept']} of {rows['read']} ({rows['kept'] / max(rows['read'], 1):.1%}); rejected by reason:"]
     lines += [f"  {reason:<24}{count:>7}" for reason, count in
               sorted(funnel["rejected_by_reason"].items(), key=lambda item: -item[1])]

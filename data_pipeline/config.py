@@ -99,6 +99,8 @@ class CurateConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     batch_rows: int = field(default=256, metadata={"min": 1})  # rows per stage call inside a worker
     progress: bool = True
+    # CLIP embedding + vector-search selection (defined below, next to the CLIP configs it uses).
+    embedding: EmbeddingConfig = field(default_factory=lambda: EmbeddingConfig())
 
     def check(self) -> None:
         if not self.sources:
@@ -107,10 +109,13 @@ class CurateConfig:
         for i, source in enumerate(self.sources):
             if not source.path:
                 raise ConfigError(f"config key 'sources[{i}].path' is required")
+        self.embedding.check()
 
     def stage_fingerprint(self) -> str:
-        """Hash of everything that changes per-row results: a resumed run must match it."""
-        stages = {k: v for k, v in to_dict(self).items() if k not in ("ray", "progress", "output")}
+        """Hash of everything that changes the scored parts and duplicates: a resumed run must match it.
+        ``embedding`` is left out: its embeddings are stamped with their model, its selection is redone
+        every write, so changing it never re-scores the pool."""
+        stages = {k: v for k, v in to_dict(self).items() if k not in ("ray", "progress", "output", "embedding")}
         return hashlib.sha256(json.dumps(stages, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -152,12 +157,145 @@ class ClipScoreConfig:
     top_fraction: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})
 
 
+# ------------------------------------------------------------------ embedding stages of `vlm-curate run`
+# Applied in data_pipeline/select_embeddings.py (order and reasons there); configs/curate/embedding_stages.yaml
+# documents every key and where its default comes from.
+
+
+@dataclass
+class EmbeddingModelConfig:
+    """The CLIP model of the embed step: a vlm-train run/export, or an open_clip model with local weights."""
+    checkpoint: str = ""
+    open_clip_model: str = ""
+    pretrained: str = ""
+
+    def is_set(self) -> bool:
+        return bool(self.checkpoint or self.open_clip_model)
+
+
+@dataclass
+class ClipScoreStageConfig(ClipScoreConfig):
+    enabled: bool = False
+
+
+@dataclass
+class CopyDedupStageConfig:
+    """DINOv2 copy detection over the image embeddings: k-NN graph, edges above ``threshold``."""
+    enabled: bool = False
+    k: int = field(default=64, metadata={"min": 1})
+    threshold: float = field(default=0.6, metadata={"min": -1.0, "max": 1.0})
+
+
+SEMDEDUP_KEEP = ("hardest", "easiest", "clip_score")
+
+
+@dataclass
+class SemDedupStageConfig:
+    """SemDeDup within spherical k-means clusters: removed when cosine > 1 − epsilon to a kept-first member."""
+    enabled: bool = False
+    n_clusters: int = field(default=100, metadata={"min": 1})
+    epsilon: float = field(default=0.05, metadata={"min": 0.0, "max": 2.0})
+    keep: str = field(default="hardest", metadata={"choices": SEMDEDUP_KEEP})
+    compare_with: str = field(default="all", metadata={"choices": ("all", "kept")})
+    kmeans_iterations: int = field(default=20, metadata={"min": 1})
+    seed: int = 0
+
+
+@dataclass
+class DecontaminateStageConfig:
+    """Drop pool images with cosine ≥ ``threshold`` to any image of the eval sets."""
+    enabled: bool = False
+    eval_sets: list[str] = field(default_factory=list)  # folders: .tar shards, image files, vlm-eval sets
+    threshold: float = field(default=0.45, metadata={"min": -1.0, "max": 1.0})
+
+
+RETRIEVAL_MODES = ("sample", "cluster")
+PICKS = ("random", "closest")
+
+
+@dataclass
+class RetrievalStageConfig:
+    """LVD-142M retrieval: keep only the pool images the seed sets retrieve."""
+    enabled: bool = False
+    mode: str = field(default="sample", metadata={"choices": RETRIEVAL_MODES})
+    seed_sets: list[str] = field(default_factory=list)  # folders, as eval_sets
+    # sample mode: each seed image's k nearest pool images (above min_similarity when set)
+    k: int = field(default=8, metadata={"min": 1})
+    min_similarity: float | None = None
+    # cluster mode: clusters holding more than min_seeds seeds give per_cluster images each, max_total in all
+    n_clusters: int = field(default=1000, metadata={"min": 1})
+    min_seeds: int = field(default=3, metadata={"min": 0})
+    per_cluster: int = field(default=10_000, metadata={"min": 1})
+    max_total: int = field(default=1_000_000, metadata={"min": 1})
+    pick: str = field(default="random", metadata={"choices": PICKS})
+    seed: int = 0
+
+
+@dataclass
+class BalanceStageConfig:
+    """ssl-data-curation: hierarchical k-means with resampling, then a balanced sample of target_size."""
+    enabled: bool = False
+    target_size: int = field(default=0, metadata={"min": 0})
+    n_clusters: list[int] = field(default_factory=lambda: [100, 10])  # level 1 (over samples) first
+    resample_size: list[int] = field(default_factory=lambda: [10, 3])  # one per level
+    resampling_steps: int = field(default=10, metadata={"min": 0})
+    resample_pick: str = field(default="closest", metadata={"choices": ("closest", "random")})
+    spherical: bool = False
+    kmeans_iterations: int = field(default=20, metadata={"min": 1})
+    pick: str = field(default="random", metadata={"choices": PICKS})
+    seed: int = 0
+
+
+@dataclass
+class EmbeddingConfig:
+    """The embed step and the selection stages over its embeddings; all off by default."""
+    model: EmbeddingModelConfig = field(default_factory=EmbeddingModelConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    clip_score: ClipScoreStageConfig = field(default_factory=ClipScoreStageConfig)
+    copy_dedup: CopyDedupStageConfig = field(default_factory=CopyDedupStageConfig)
+    semdedup: SemDedupStageConfig = field(default_factory=SemDedupStageConfig)
+    decontaminate: DecontaminateStageConfig = field(default_factory=DecontaminateStageConfig)
+    retrieval: RetrievalStageConfig = field(default_factory=RetrievalStageConfig)
+    balance: BalanceStageConfig = field(default_factory=BalanceStageConfig)
+
+    def enabled_stages(self) -> list[str]:
+        """Enabled stage names, in the order the selection applies them."""
+        return [name for name in ("clip_score", "copy_dedup", "semdedup", "decontaminate", "retrieval", "balance")
+                if getattr(self, name).enabled]
+
+    def check(self) -> None:
+        stages = self.enabled_stages()
+        if stages and not self.model.is_set():
+            raise ConfigError(f"embedding.{stages[0]} is enabled but 'embedding.model' names no model: set "
+                              "embedding.model.checkpoint (a vlm-train run) or embedding.model.open_clip_model "
+                              "(+ embedding.model.pretrained, a local weights file)")
+        if self.model.checkpoint and self.model.open_clip_model:
+            raise ConfigError("'embedding.model' takes checkpoint or open_clip_model, not both")
+        if self.decontaminate.enabled and not self.decontaminate.eval_sets:
+            raise ConfigError("'embedding.decontaminate.eval_sets' needs at least one folder when "
+                              "decontaminate is enabled")
+        if self.retrieval.enabled and not self.retrieval.seed_sets:
+            raise ConfigError("'embedding.retrieval.seed_sets' needs at least one folder when retrieval is enabled")
+        if self.balance.enabled:
+            if self.balance.target_size < 1:
+                raise ConfigError("'embedding.balance.target_size' must be >= 1 when balance is enabled")
+            if not self.balance.n_clusters or len(self.balance.resample_size) != len(self.balance.n_clusters):
+                raise ConfigError(f"'embedding.balance.resample_size' needs one value per level of "
+                                  f"'embedding.balance.n_clusters' ({self.balance.n_clusters}), got "
+                                  f"{self.balance.resample_size}")
+            if min(self.balance.n_clusters + self.balance.resample_size) < 1:
+                raise ConfigError("'embedding.balance.n_clusters' and 'resample_size' must be positive")
+
+
 @dataclass
 class BootstrapConfig:
     """``vlm-curate bootstrap``: round 0 trains a scorer on ``pool`` (a finished ``vlm-curate run``);
     round k scores the pool with round k−1's model, prunes it by CLIP score and trains again."""
     pool: str = field(default="", metadata={"required": True})  # output_dir of a finished vlm-curate run
     output_dir: str = field(default="", metadata={"required": True})
+    # A finished vlm-train run to use as round 0 instead of training it: it must have trained on the
+    # pool's shards with train_config, train_overrides and nproc (checked; a mismatch is refused).
+    round0_run: str = ""
     train_config: str = "configs/train/demo.yaml"
     train_overrides: list[str] = field(default_factory=list)  # key=value for vlm-train, every round
     nproc: int = field(default=1, metadata={"min": 1})  # vlm-train ranks

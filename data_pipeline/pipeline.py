@@ -1,13 +1,17 @@
 """Compose the curation stages on Ray Data; the only module that knows Ray.
 
-Three steps, each resumable, all under ``output_dir``:
+Four steps, each resumable, all under ``output_dir``:
   score   every input file ("part") is read, decoded/validated, filtered by the heuristics and
           hashed by Ray Data actors; each part lands in ``.work/parts/<part>.parquet``, written
           atomically, so a rerun scores only the parts that are missing.
   dedup   exact and near-duplicate search over the small columns (sha256, 32×32 thumbnails) of all
           parts (dedup is global: every row must meet every other): candidate pairs on the driver,
           their verification split over Ray tasks → ``.work/duplicates.parquet``.
-  write   selection (the only step that drops rows) → ``decisions.parquet``, webdataset shards in
+  embed   only with an ``embedding`` section naming a model: CLIP embeddings of the rows still kept
+          (and of the eval/seed sets the stages need) on Ray actors → ``.work/embeddings/``
+          (``data_pipeline.embed_step``; finished jobs are reused).
+  write   selection (the only step that drops rows: ``select.decide``, then the enabled embedding
+          stages of ``select_embeddings``) → ``decisions.parquet``, webdataset shards in
           ``shards/`` (written by Ray tasks, each atomically; existing ones are kept) and
           ``manifest.json``.
 A rerun after a kill produces byte-identical outputs: every step is a pure function of its inputs,
@@ -29,8 +33,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from data_pipeline import embed_step
 from data_pipeline.config import CurateConfig, to_dict
 from data_pipeline.select import decide, eligible_for_dedup, funnel
+from data_pipeline.select_embeddings import funnel_stages, select_by_embeddings
 from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_json_atomic, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
 from data_pipeline.stages.decode import validate
@@ -38,7 +44,7 @@ from data_pipeline.stages.dedup import find_duplicates
 from data_pipeline.stages.near_duplicates import serial_map
 from data_pipeline.stages.heuristics import Heuristics
 
-STEPS = ("score", "dedup", "write")
+STEPS = ("score", "dedup", "embed", "write")
 # Raw bytes the later steps never need: a 1 MB caption must not travel further than the decoder.
 _DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
 _METADATA_EXCLUDED = {"image", "image_out", "thumbnail"}
@@ -208,6 +214,8 @@ def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None
         use_ray: bool = True, log: Callable[[str], None] = print) -> dict | None:
     """Run the given steps (skipping finished work); return the manifest when the write step ran."""
     started = time.perf_counter()
+    if cfg.embedding.model.is_set():
+        embed_step.check_inputs(cfg)  # a mistyped folder fails now, not after scoring the pool
     state = Run(cfg)
     state.prepare(log)
     steps = list(steps)
@@ -232,20 +240,37 @@ def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None
                                          chunks)
             _write_parquet(duplicates, state.duplicates)
             log(f"dedup: {len(duplicates)} duplicate(s) among {int(eligible_for_dedup(rows).sum())} eligible rows")
-        if "write" not in steps:
+        if "embed" not in steps and "write" not in steps:
             return None
         if not state.duplicates.is_file():
             raise PipelineError("deduplication has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
         if "dedup" not in steps:
             rows = state.scored_rows()
         decisions = decide(rows, pd.read_parquet(state.duplicates))
+        plan = None
+        if cfg.embedding.model.is_set():
+            candidates = rows.loc[decisions["kept"].to_numpy(), ["part_id", "uid"]]
+            plan = embed_step.plan(cfg, candidates, state.parts_dir, state.work)
+            if plan.pool is None:
+                log("embed: no rows left after heuristics and dedup; the embed step and the embedding stages "
+                    "are skipped")
+            elif "embed" in steps:
+                if use_ray:
+                    executor_started()  # the model actors join this run's Ray
+                embed_step.embed(plan, cfg, use_ray, log)
+        if "write" not in steps:
+            return None
+        later_stages = []
+        if plan is not None and plan.pool is not None:
+            decisions = _select_by_embeddings(decisions, plan, cfg, log)
+            later_stages = funnel_stages(cfg.embedding)
         kept = rows.loc[decisions["kept"].to_numpy(), ["part_id", "uid"]]
         plans = plan_shards(kept, cfg.output.samples_per_shard)
         _reset_shards_if_replanned(state, plans)
         infos = executor_started().write_shards(plans, state.parts_dir, state.shards_dir) if plans else []
         _write_parquet(decisions, state.decisions)
         manifest = {
-            "funnel": funnel(decisions),
+            "funnel": funnel(decisions, later_stages),
             "shards": infos,
             "decisions": {"path": state.decisions.name, "sha256": file_sha256(state.decisions)},
             "config": to_dict(cfg),
@@ -257,6 +282,17 @@ def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None
     finally:
         if executor is not None:
             executor.close()
+
+
+def _select_by_embeddings(decisions: pd.DataFrame, plan: embed_step.EmbedPlan, cfg: CurateConfig,
+                          log: Callable[[str], None]) -> pd.DataFrame:
+    try:
+        pool = embed_step.load(plan.pool)
+        eval_sets = embed_step.load_references(plan.eval_sets)
+        seed_sets = [embed_step.load(s, reference=True) for s in plan.seed_sets]
+    except embed_step.EmbeddingsMissing as err:
+        raise PipelineError(str(err)) from None
+    return select_by_embeddings(decisions, pool, eval_sets, seed_sets, cfg.embedding, log)
 
 
 def _score(executor, pending: list[Part], state: Run, progress: bool) -> None:

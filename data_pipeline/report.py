@@ -17,7 +17,6 @@ from PIL import Image  # noqa: E402
 from data_pipeline.stages.decode import THUMBNAIL_SIDE  # noqa: E402
 
 EXAMPLES_PER_REASON = 8
-_STAGES = ("read", "validate", "heuristics", "exact_dedup", "near_dedup")
 
 
 def write_report(out: str | Path) -> Path:
@@ -40,8 +39,9 @@ def write_report(out: str | Path) -> Path:
 def _funnel(funnel: dict, path: Path) -> Path:
     rows = funnel["rows"]
     reasons = sorted(funnel["rejected_by_reason"].items(), key=lambda item: item[1])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    left.barh(list(_STAGES)[::-1], [rows[s] for s in _STAGES][::-1], color="#4c72b0")
+    stages = [stage for stage in rows if stage != "kept"]  # the run's own stages, embedding ones included
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2 + 0.15 * len(stages)))
+    left.barh(stages[::-1], [rows[s] for s in stages][::-1], color="#4c72b0")
     left.set_title("rows after each stage")
     right.barh([r for r, _ in reasons], [c for _, c in reasons], color="#c44e52")
     right.set_title("rejected rows by reason")

@@ -1,10 +1,13 @@
 """Final selection: the one place that decides keep or drop, and records every decision.
 
 A row's reason is the first problem in pipeline order: reading/decoding (reason_validate), then the
-heuristic rules in their order, then deduplication. kept = no reason. Nothing is dropped silently:
+heuristic rules in their order, then deduplication, then (when configured) the embedding stages of
+``select_embeddings``. kept = no reason. Nothing is dropped silently:
 decisions.parquet has one row per row read, so kept + rejected = read.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import pandas as pd
 
@@ -34,21 +37,30 @@ def decide(rows: pd.DataFrame, duplicates: pd.DataFrame) -> pd.DataFrame:
     return table[DECISION_COLUMNS]
 
 
-def funnel(decisions: pd.DataFrame) -> dict:
-    """Rows left after each stage, and how many rows each reason rejected (they add up)."""
+def funnel(decisions: pd.DataFrame, later_stages: Sequence[tuple[str, tuple[str, ...]]] = ()) -> dict:
+    """Rows left after each stage, and how many rows each reason rejected (they add up).
+
+    ``later_stages``: (stage, its reasons) of the stages after near_dedup, in order (the enabled
+    embedding stages, ``select_embeddings.funnel_stages``)."""
     reasons = decisions["reason"]
-    validate_fail = decisions["reason"].notna() & ~reasons.isin(RULES) & ~reasons.isin(_DEDUP_REASONS)
+    later_reasons = [reason for _, stage_reasons in later_stages for reason in stage_reasons]
+    known = (*RULES, *_DEDUP_REASONS, *later_reasons)
+    validate_fail = reasons.notna() & ~reasons.isin(known)
     heuristic_fail = reasons.isin(RULES)
     exact = reasons.isin(("exact_duplicate_image", "exact_duplicate_pair"))
     near = reasons == "near_duplicate"
     read = len(decisions)
-    after_validate = read - int(validate_fail.sum())
-    after_heuristics = after_validate - int(heuristic_fail.sum())
-    after_exact = after_heuristics - int(exact.sum())
+    after = {"read": read}
+    after["validate"] = read - int(validate_fail.sum())
+    after["heuristics"] = after["validate"] - int(heuristic_fail.sum())
+    after["exact_dedup"] = after["heuristics"] - int(exact.sum())
+    after["near_dedup"] = after["exact_dedup"] - int(near.sum())
+    left = after["near_dedup"]
+    for stage, stage_reasons in later_stages:
+        left -= int(reasons.isin(stage_reasons).sum())
+        after[stage] = left
     return {
-        "rows": {"read": read, "validate": after_validate, "heuristics": after_heuristics,
-                 "exact_dedup": after_exact, "near_dedup": after_exact - int(near.sum()),
-                 "kept": int(decisions["kept"].sum())},
+        "rows": {**after, "kept": int(decisions["kept"].sum())},
         "rejected_by_reason": {k: int(v) for k, v in reasons.value_counts().sort_index().items()},
         # Each rule's own verdict, also on rows an earlier rule already rejected.
         "flagged_by_rule": {rule: int(decisions[f"flag_{rule}"].sum()) for rule in RULES},

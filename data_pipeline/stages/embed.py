@@ -1,16 +1,19 @@
 """Embed stage: a CLIP model over image-text samples → image and text embeddings and their cosine.
 
 Plain functions, no Ray (``data_pipeline.embedding`` runs them on an actor pool). The unit of work
-and of resuming is an ``EmbedJob``: a webdataset shard, or chosen rows of a scored part of a
-curation run (``.work/parts/<part>.parquet``, which holds the image bytes). Its outputs, under the
-embeddings directory, are
+and of resuming is an ``EmbedJob``: a webdataset shard, chosen rows of a scored part of a
+curation run (``.work/parts/<part>.parquet``, which holds the image bytes), or chosen image files of
+a folder. Its outputs, under the embeddings directory, are
 
   image-<name>.npy, text-<name>.npy     float16 (rows, dim), L2-normalised, rows in job order
-  index-<name>.parquet                  uid (a shard sample's ``__key__``: the uid in curated shards),
-                                        key (the source key), row, clip_score
+  index-<name>.parquet                  uid (a shard sample's ``__key__``: the uid in curated shards;
+                                        a file's path relative to its folder), key (the source key),
+                                        row, clip_score
 
-``clip_score`` is the cosine of the float32 features, before the float16 cast. The index file is
-written last and atomically, so a job whose index exists is complete.
+``clip_score`` is the cosine of the float32 features, before the float16 cast. An ``images_only`` job
+(eval and seed sets of the curation's embedding stages: images, no captions needed) writes no text
+file and no clip_score. The index file is written last and atomically, so a job whose index exists
+is complete.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
+FILES_PER_JOB = 1000  # image files of a folder embedded (and resumed) together
 
 
 class EmbedError(ValueError):
@@ -57,15 +61,17 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EmbedJob:
-    """One unit of embedding work: a ``.tar`` shard (every sample), or a scored part ``.parquet`` (the
-    rows ``uids``, in the part's order). ``name`` is the stem of the job's output files."""
+    """One unit of embedding work: a ``.tar`` shard (every sample), a scored part ``.parquet`` (the
+    rows ``uids``, in the part's order) or a folder (the image files ``uids``, paths relative to it).
+    ``name`` is the stem of the job's output files; ``images_only`` jobs need and embed no captions."""
     name: str
     path: str
     uids: tuple[str, ...] | None = None
+    images_only: bool = False
 
     @classmethod
-    def shard(cls, path: str | Path) -> EmbedJob:
-        return cls(Path(path).name.removesuffix(".tar"), str(path))
+    def shard(cls, path: str | Path, images_only: bool = False) -> EmbedJob:
+        return cls(Path(path).name.removesuffix(".tar"), str(path), images_only=images_only)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -73,7 +79,8 @@ class EmbedJob:
     @classmethod
     def from_json(cls, text: str) -> EmbedJob:
         raw = json.loads(text)
-        return cls(raw["name"], raw["path"], None if raw["uids"] is None else tuple(raw["uids"]))
+        return cls(raw["name"], raw["path"], None if raw["uids"] is None else tuple(raw["uids"]),
+                   raw.get("images_only", False))
 
 
 @dataclass
@@ -81,7 +88,7 @@ class Sample:
     uid: str
     key: str | None
     image: bytes
-    caption: str
+    caption: str | None  # None in images_only jobs
 
 
 def shard_outputs(out_dir: Path, shard: str) -> dict[str, Path]:
@@ -94,7 +101,7 @@ def job_outputs(out_dir: Path, job: EmbedJob) -> dict[str, Path]:
             "index": out_dir / f"index-{stem}.parquet"}
 
 
-def read_shard(path: str) -> Iterator[Sample]:
+def read_shard(path: str, images_only: bool = False) -> Iterator[Sample]:
     """Samples of a webdataset tar: consecutive members ``<key>.<ext>`` grouped by key."""
     current: dict = {}
     with tarfile.open(path, mode="r:") as tar:
@@ -103,12 +110,12 @@ def read_shard(path: str) -> Iterator[Sample]:
                 continue
             stem, _, ext = Path(member.name).name.partition(".")
             if current and current["__key__"] != stem:
-                yield _sample(current, path)
+                yield _sample(current, path, images_only)
                 current = {}
             current["__key__"] = stem
             current[ext.lower()] = tar.extractfile(member).read()
     if current:
-        yield _sample(current, path)
+        yield _sample(current, path, images_only)
 
 
 def read_scored_rows(path: str, uids: tuple[str, ...] | None) -> Iterator[Sample]:
@@ -123,21 +130,64 @@ def read_scored_rows(path: str, uids: tuple[str, ...] | None) -> Iterator[Sample
         yield Sample(uid=row.uid, key=row.key, image=image, caption=row.caption)
 
 
+def read_image_files(folder: str, files: tuple[str, ...]) -> Iterator[Sample]:
+    """Image files of a folder (paths relative to it), without captions."""
+    for name in files:
+        try:
+            image = (Path(folder) / name).read_bytes()
+        except OSError as err:
+            raise EmbedError(f"{Path(folder) / name}: cannot read image file ({err.strerror or err})") from None
+        yield Sample(uid=name, key=None, image=image, caption=None)
+
+
 def read_job(job: EmbedJob) -> Iterator[Sample]:
     if job.path.endswith(".tar"):
-        return read_shard(job.path)
-    return read_scored_rows(job.path, job.uids)
+        return read_shard(job.path, job.images_only)
+    if job.path.endswith(".parquet"):
+        return read_scored_rows(job.path, job.uids)
+    return read_image_files(job.path, job.uids or ())
 
 
-def _sample(fields: dict, shard: str) -> Sample:
+def folder_jobs(folder: str | Path) -> list[EmbedJob]:
+    """Images-only jobs for every ``.tar`` shard and image file (jpg/jpeg/png/webp) under ``folder``,
+    recursively: webdataset folders, image folders and vlm-eval sets (``test/*.tar``, class folders,
+    or the image files a CSV set names). Empty when there are none."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    jobs = [EmbedJob(_job_name(p.relative_to(folder).as_posix().removesuffix(".tar")), str(p), images_only=True)
+            for p in files if p.suffix == ".tar"]
+    images = [p.relative_to(folder).as_posix() for p in files if p.suffix.lower().lstrip(".") in IMAGE_EXTS]
+    jobs += [EmbedJob(f"files-{start // FILES_PER_JOB:06d}", str(folder), tuple(images[start:start + FILES_PER_JOB]),
+                      images_only=True) for start in range(0, len(images), FILES_PER_JOB)]
+    return jobs
+
+
+def _job_name(relative: str) -> str:
+    """An output-file stem for a shard below a folder: sub/dir/000.tar → tar-sub_dir_000."""
+    return "tar-" + relative.replace("/", "_")
+
+
+def _sample(fields: dict, shard: str, images_only: bool = False) -> Sample:
     key = fields["__key__"]
     image = next((fields[ext] for ext in IMAGE_EXTS if ext in fields), None)
     if image is None:
         raise EmbedError(f"{shard}: sample {key!r} has no image ({', '.join(IMAGE_EXTS)})")
+    if images_only:
+        return Sample(uid=key, key=_json_key(fields), image=image, caption=None)
     if CAPTION_EXT not in fields:
         raise EmbedError(f"{shard}: sample {key!r} has no caption (.{CAPTION_EXT})")
     meta = json.loads(fields["json"]) if "json" in fields else {}
     return Sample(uid=key, key=meta.get("key"), image=image, caption=fields[CAPTION_EXT].decode("utf-8"))
+
+
+def _json_key(fields: dict) -> str | None:
+    """The ``key`` of a sample's optional json (eval shards carry one); a broken json is no reason to stop."""
+    try:
+        meta = json.loads(fields["json"]) if "json" in fields else {}
+    except ValueError:
+        return None
+    key = meta.get("key") if isinstance(meta, dict) else None
+    return None if key is None else str(key)
 
 
 def decode_rgb(sample: Sample, source: str) -> Image.Image:
@@ -159,6 +209,15 @@ def embed_batch(model, pixels, tokens) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return image.numpy(), text.numpy(), (image * text).sum(-1).numpy()
 
 
+def embed_images(model, pixels) -> np.ndarray:
+    """L2-normalised float32 image features (images-only jobs)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        return F.normalize(model.encode_image(pixels).float(), dim=-1).numpy()
+
+
 def embed_job(job: EmbedJob, loaded, out_dir: Path, batch_size: int) -> dict:
     """Embed every sample of one job with ``loaded`` (an ``EvalModel``); write its outputs."""
     import torch
@@ -167,7 +226,10 @@ def embed_job(job: EmbedJob, loaded, out_dir: Path, batch_size: int) -> dict:
     images, texts, scores = [], [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        pixels = torch.stack([loaded.transform(decode_rgb(s, job.path)) for s in chunk])
+        pixels = torch.stack([loaded.transform(decode_rgb(s, _where(job, s))) for s in chunk])
+        if job.images_only:
+            images.append(embed_images(loaded.model, pixels))
+            continue
         tokens = loaded.tokenizer([s.caption for s in chunk])
         image, text, score = embed_batch(loaded.model, pixels, tokens)
         images.append(image)
@@ -176,15 +238,23 @@ def embed_job(job: EmbedJob, loaded, out_dir: Path, batch_size: int) -> dict:
     outputs = job_outputs(out_dir, job)
     dim = images[0].shape[1] if images else 0
     _save_npy(outputs["image"], np.concatenate(images) if images else np.zeros((0, dim)))
-    _save_npy(outputs["text"], np.concatenate(texts) if texts else np.zeros((0, dim)))
-    index = pd.DataFrame({"uid": [s.uid for s in samples], "key": [s.key for s in samples],
-                          "row": np.arange(len(samples), dtype=np.int64),
-                          "clip_score": np.concatenate(scores).astype(np.float32) if scores else
-                          np.zeros(0, np.float32)})
+    columns = {"uid": [s.uid for s in samples], "key": [s.key for s in samples],
+               "row": np.arange(len(samples), dtype=np.int64)}
+    if not job.images_only:
+        _save_npy(outputs["text"], np.concatenate(texts) if texts else np.zeros((0, dim)))
+        columns["clip_score"] = np.concatenate(scores).astype(np.float32) if scores else np.zeros(0, np.float32)
+    index = pd.DataFrame(columns)
     tmp = outputs["index"].with_suffix(".parquet.tmp")
     pq.write_table(pa.Table.from_pandas(index, preserve_index=False), tmp)
     os.replace(tmp, outputs["index"])
     return {"job": job.name, "rows": len(samples)}
+
+
+def _where(job: EmbedJob, sample: Sample) -> str:
+    """The file to name in a message: the job's shard or part, or the image file itself."""
+    if job.path.endswith((".tar", ".parquet")):
+        return job.path
+    return str(Path(job.path) / sample.uid)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

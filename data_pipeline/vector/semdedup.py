@@ -62,7 +62,10 @@ def semdedup(embeddings: np.ndarray, cfg: SemDedupConfig = SemDedupConfig(),
     clustering = kmeans(x, cfg.n_clusters, spherical=True, niter=cfg.kmeans_iterations, seed=cfg.seed, gpu=cfg.gpu)
     cluster = clustering.assignment
     centroid_similarity = np.einsum("ij,ij->i", x, clustering.centroids[cluster])
-    priority = {"hardest": centroid_similarity, "easiest": -centroid_similarity, "score": -scores}[cfg.keep]
+    if cfg.keep == "score":
+        priority = -scores
+    else:
+        priority = centroid_similarity if cfg.keep == "hardest" else -centroid_similarity
     # Whole pool in keep order: by cluster, then priority, then row.
     order = np.lexsort((np.arange(len(x)), priority, cluster))
     starts = np.searchsorted(cluster[order], np.arange(clustering.n_clusters + 1))
