@@ -137,7 +137,8 @@ class EmbedConfig:
     the ``vlm-curate embed`` command line, or each bootstrap round's scorer (the round before it)."""
     batch_size: int = field(default=256, metadata={"min": 1})  # images per forward
     workers: int = field(default=2, metadata={"min": 1})  # model actors
-    # Fractional CPUs, as for the scoring actors: whole-CPU actors deadlock Ray Data on 2 cores.
+    # Fractional CPUs, as for the scoring actors: the model actors share the machine with the run's
+    # Ray Data tasks, which whole-CPU actors would starve on 2 cores.
     cpus_per_worker: float = field(default=0.5, metadata={"min": 0.01})
     threads_per_worker: int = field(default=1, metadata={"min": 1})  # torch threads inside one actor
     num_cpus: int = field(default=0, metadata={"min": 0})  # local Ray only; 0 = all cores

@@ -19,7 +19,7 @@ from webdataset import TarWriter
 from data_pipeline.bootstrap import write_pruned_shards
 from data_pipeline.cli import main as curate_main
 from data_pipeline.config import EmbedConfig
-from data_pipeline.embedding import embed_pool
+from data_pipeline.embedding import EmbedWorkers, embed_pool
 from data_pipeline.stages.embed import EmbedError, ModelSpec, read_shard, shard_outputs
 from tests.conftest import REPO
 from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE
@@ -93,6 +93,20 @@ def test_ray_embed_stage_matches_a_bare_open_clip_forward_and_a_rerun_embeds_onl
     assert "3 job(s) embedded (2 from an earlier run)" in messages[0]
     assert {s: shard_outputs(out, s)["image"].stat().st_mtime_ns for s in pool_shards[1:]} == finished
     pd.testing.assert_frame_equal(again, index)
+
+
+def test_one_set_of_actors_serves_several_calls_and_refuses_another_model(tiny_model, pool_shards, tmp_path):
+    _, export, folder = tiny_model
+    spec = ModelSpec(checkpoint=str(export))
+    with EmbedWorkers(spec, QUIET) as workers:
+        first = embed_pool(pool_shards[:2], tmp_path / "a", spec, QUIET, workers=workers)
+        actors = list(workers.actors)
+        second = embed_pool(pool_shards, tmp_path / "b", spec, QUIET, workers=workers)
+        assert workers.actors == actors and len(actors) == QUIET.workers  # no model loaded twice
+        with pytest.raises(ValueError, match="the workers run"):
+            embed_pool(pool_shards[:1], tmp_path / "c", ModelSpec(open_clip_model=f"local-dir:{folder}"), QUIET,
+                       workers=workers)
+    pd.testing.assert_frame_equal(second[second["shard"].isin({Path(s).name for s in pool_shards[:2]})], first)
 
 
 def test_open_clip_model_with_a_local_weights_file_gives_the_embeddings_of_the_same_weights_in_ours(
