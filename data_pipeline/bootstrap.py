@@ -1,11 +1,13 @@
 """`vlm-curate bootstrap`: train a CLIP scorer on the pool, prune the pool by its CLIP scores, retrain.
 
-Round 0 trains on the pool as ``vlm-curate run`` left it (heuristics + dedup). Round k ≥ 1 embeds
-the pool with round k−1's model, applies the CLIP-score rule to it, writes the pruned pool as
-shards and trains on them. Every round trains with the same config and step budget, so the rounds
-table compares like with like: round 0 is the unpruned baseline. Layout under ``output_dir``:
+Round 0 trains on the pool as ``vlm-curate run`` left it (heuristics + dedup), or reuses a finished
+run that trained exactly so (``round0_run``, checked against the config). Round k ≥ 1 embeds the
+pool with round k−1's model, applies the CLIP-score rule to it, writes the pruned pool as shards
+and trains on them. Every round trains with the same config and step budget, so the rounds table
+compares like with like: round 0 is the unpruned baseline. Layout under ``output_dir``:
 
-  round-NN/run/                 the vlm-train run (its export in run/final is round NN's model)
+  round-NN/run/                 the vlm-train run (its export in run/final is round NN's model);
+                                round 0 has none when it reuses ``round0_run``
   round-NN/eval.json            vlm-eval zero-shot results on ``eval_sets``
   round-NN/embeddings/          (k ≥ 1) the pool embedded by round k−1's model (stages/embed.py)
   round-NN/decisions.parquet    (k ≥ 1) one row per pool row read: clip_score, flag_clip_score, kept, reason
@@ -14,7 +16,8 @@ table compares like with like: round 0 is the unpruned baseline. Layout under ``
   rounds.json, rounds.png       the table of all finished rounds
 
 A rerun resumes at the first round without ``round.json``; inside it, finished embedding shards and
-a finished pruned pool are reused, and vlm-train resumes from its latest checkpoint.
+a finished pruned pool are reused, and vlm-train resumes from its latest checkpoint. A finished
+round 0 that reused a run is refused if that run has been retrained since (its train summary changed).
 """
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
     if rounds < 1:
         raise BootstrapError(f"--rounds must be at least 1 (round 0 trains the first scorer), got {rounds}")
     pool = Pool.load(cfg.pool)
+    reused = check_round0_run(cfg, pool) if cfg.round0_run else None
     truth = load_ground_truth(cfg.ground_truth) if cfg.ground_truth else None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +85,8 @@ def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
         done = round_dir / "round.json"
         if done.is_file():
             log(f"round {number}: finished in an earlier run ({done})")
+            if number == 0:
+                _check_finished_round0(json.loads(done.read_text()), cfg, reused, out)
         else:
             row = _run_round(cfg, pool, truth, number, round_dir, use_ray, log, quiet_tools)
             write_json_atomic(done, row)
@@ -94,12 +100,13 @@ def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, num
                use_ray: bool, log: Callable[[str], None], quiet: bool) -> dict:
     round_dir.mkdir(parents=True, exist_ok=True)
     row: dict = {"round": number, "scorer": None, "rule": None, "cutoff": None,
-                 "pool_rows": int(pool.decisions["kept"].sum())}
+                 "pool_rows": int(pool.decisions["kept"].sum()),
+                 "reused_run": cfg.round0_run if number == 0 and cfg.round0_run else None}
     shards_dir = pool.path / "shards"
     if number == 0:
         decisions = pool.decisions
     else:
-        scorer = round_dir.parent / f"round-{number - 1:02d}" / "run"
+        scorer = round_run(cfg, number - 1)
         spec = ModelSpec(checkpoint=str(scorer))
         scores = embed_pool(pool.shards, round_dir / "embeddings", spec, cfg.embed, use_ray=use_ray, log=log)
         decisions, cutoff = select_by_clip_score(pool.decisions, scores, cfg.clip_score)
@@ -112,11 +119,84 @@ def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, num
     row["kept"] = int(decisions["kept"].sum())
     if truth is not None:
         row["ground_truth"] = removed_pair_quality(decisions, truth)
-    run_dir = round_dir / "run"
-    train(cfg, shards_dir, run_dir, quiet, log)
+    run_dir = round_run(cfg, number)
+    if row["reused_run"]:
+        log(f"train: round 0 reuses {run_dir} (trained on the pool with this config)")
+    else:
+        train(cfg, shards_dir, run_dir, quiet, log)
     row["checkpoint"] = str(run_dir / "final")
+    row["train_summary"] = json.loads((run_dir / "train_summary.json").read_text())
     row["zero_shot"] = evaluate(cfg, run_dir, round_dir / "eval.json", quiet, log) if cfg.eval_sets else {}
     return row
+
+
+def round_run(cfg: BootstrapConfig, number: int) -> Path:
+    """The vlm-train run that is round ``number``'s model."""
+    if number == 0 and cfg.round0_run:
+        return Path(cfg.round0_run)
+    return Path(cfg.output_dir) / f"round-{number:02d}" / "run"
+
+
+# ------------------------------------------------------------------ reusing a finished run as round 0
+
+# Keys of a run's resolved config that do not change what it trains: where it writes, resuming, its bar.
+NOT_TRAINING_KEYS = frozenset({"output_dir", "resume", "progress"})
+
+
+def check_round0_run(cfg: BootstrapConfig, pool: Pool) -> dict:
+    """``round0_run`` must be the run round 0 would train: the same resolved vlm-train config (train_config,
+    train_overrides, the pool's shards), ranks and shard files. Returns its train summary."""
+    from vlmtrain.checkpoint import find_resume_point
+    from vlmtrain.config import load_train_config, to_dict
+    from vlmtrain.data import data_fingerprint, resolve_sources
+
+    run = Path(cfg.round0_run)
+    if not (run / "train_summary.json").is_file() or not (run / "config.json").is_file():
+        raise BootstrapError(f"round0_run {run} is not a finished vlm-train run (no train_summary.json "
+                             f"or config.json)")
+    wanted = load_train_config(cfg.train_config, round_train_overrides(cfg, pool.path / "shards", run))
+    theirs = _flat_config(json.loads((run / "config.json").read_text()))
+    ours = _flat_config(json.loads(json.dumps(to_dict(wanted))))
+    differing = [f"{key} ({theirs.get(key)!r} there, {ours.get(key)!r} here)"
+                 for key in sorted(theirs.keys() | ours.keys())
+                 if key not in NOT_TRAINING_KEYS and theirs.get(key) != ours.get(key)]
+    summary = json.loads((run / "train_summary.json").read_text())
+    if summary["world_size"] != cfg.nproc:
+        differing.append(f"nproc ({summary['world_size']} ranks there, {cfg.nproc} here)")
+    if differing:
+        raise BootstrapError(f"round0_run {run} did not train as round 0 would (train_config {cfg.train_config} + "
+                             f"train_overrides on {pool.path / 'shards'}); differing: {'; '.join(differing)}")
+    last = find_resume_point("latest", run)
+    if last is None:
+        raise BootstrapError(f"round0_run {run} has no checkpoint left to check which shard files it trained on")
+    if last.sidecar["data_fingerprint"] != data_fingerprint(wanted.data, resolve_sources(wanted.data)):
+        raise BootstrapError(f"round0_run {run}: the shard files in {pool.path / 'shards'} changed since it trained "
+                             f"(names or sizes differ from its checkpoint's data fingerprint)")
+    return summary
+
+
+def _flat_config(config: dict) -> dict:
+    """``{"data": {"batch_size": 128}}`` → ``{"data.batch_size": 128}``, with the shard path made absolute."""
+    def flatten(tree: dict, prefix: str) -> dict:
+        flat = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return flat
+
+    flat = flatten(config, "")
+    if flat.get("data.train_shards"):
+        flat["data.train_shards"] = os.path.realpath(flat["data.train_shards"])
+    return flat
+
+
+def _check_finished_round0(row: dict, cfg: BootstrapConfig, reused_summary: dict | None, out: Path) -> None:
+    """Later rounds were scored by the finished round 0's model: it must still be the one this config names."""
+    if cfg.round0_run and row.get("train_summary") != reused_summary:
+        raise BootstrapError(f"round 0 in {out} finished with another model than round0_run {cfg.round0_run} now "
+                             f"holds (retrained since?), so the later rounds are stale: delete {out} to start over")
+    if row.get("reused_run") and not cfg.round0_run:
+        raise BootstrapError(f"round 0 in {out} reused the run {row['reused_run']}: pass round0_run="
+                             f"{row['reused_run']} again, or use another output_dir")
 
 
 # ------------------------------------------------------------------ ground truth
@@ -228,13 +308,17 @@ def _call(command: list[str], what: str, quiet: bool, log: Callable[[str], None]
         raise BootstrapError(f"{what} failed with exit code {result.returncode}{detail}")
 
 
+def round_train_overrides(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path) -> list[str]:
+    """What every round passes to vlm-train after ``--config train_config``."""
+    return [*cfg.train_overrides, f"data.train_shards={shards_dir}", f"output_dir={run_dir}", "resume=latest"]
+
+
 def train(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path, quiet: bool, log: Callable[[str], None]) -> None:
     if (run_dir / "train_summary.json").is_file():
         log(f"train: {run_dir} finished in an earlier run")
         return
     _call([_tool("vlm-train"), "--config", cfg.train_config, "--nproc-per-node", str(cfg.nproc),
-           *cfg.train_overrides, f"data.train_shards={shards_dir}", f"output_dir={run_dir}", "resume=latest"],
-          "train", quiet, log)
+           *round_train_overrides(cfg, shards_dir, run_dir)], "train", quiet, log)
 
 
 def evaluate(cfg: BootstrapConfig, run_dir: Path, out: Path, quiet: bool, log: Callable[[str], None]) -> dict:

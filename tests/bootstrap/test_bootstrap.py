@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +22,8 @@ from tests.conftest import REPO, generate_corpus
 
 pytestmark = pytest.mark.e2e
 TOP_FRACTION = 0.75
+TRAIN_OVERRIDES = ["steps=150", "data.batch_size=64", "zero_stage=0", "optim.warmup_steps=20", "progress=false",
+                   "metrics.tensorboard=false"]
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +41,28 @@ def pool(corpus, tmp_path_factory) -> Path:
     return out
 
 
-def bootstrap_config(corpus: Path, pool: Path, out: Path):
+def bootstrap_config(corpus: Path, pool: Path, out: Path, overrides: list[str] = ()):
     return load_bootstrap_config(REPO / "configs" / "curate" / "bootstrap_demo.yaml", [
         f"pool={pool}", f"output_dir={out}", "nproc=1", f"eval_sets=[{corpus / 'eval' / 'shapes'}]",
         f"ground_truth={corpus / 'train' / 'index.parquet'}", f"clip_score.top_fraction={TOP_FRACTION}",
-        "train_overrides=[steps=150, data.batch_size=64, zero_stage=0, optim.warmup_steps=20, progress=false, "
-        "metrics.tensorboard=false]", "embed.progress=false", "samples_per_shard=300"])
+        f"train_overrides={json.dumps(TRAIN_OVERRIDES)}", "embed.progress=false", "samples_per_shard=300",
+        *overrides])
+
+
+@pytest.fixture(scope="module")
+def bootstrapped(corpus, pool, tmp_path_factory):
+    """Two rounds trained from scratch: (config, rounds table). The later tests reuse its runs."""
+    cfg = bootstrap_config(corpus, pool, tmp_path_factory.mktemp("bootstrapped") / "boot")
+    return cfg, run_bootstrap(cfg, rounds=2, use_ray=False, log=lambda _: None, quiet_tools=True)
 
 
 def test_a_scorer_bootstrapped_from_the_pool_prunes_mostly_mismatched_captions_and_a_rerun_resumes(
-        corpus, pool, tmp_path):
-    cfg = bootstrap_config(corpus, pool, tmp_path / "boot")
-    table = run_bootstrap(cfg, rounds=2, use_ray=False, log=lambda _: None, quiet_tools=True)
-
-    saved = json.loads((tmp_path / "boot" / "rounds.json").read_text())["rounds"]
+        pool, bootstrapped):
+    cfg, table = bootstrapped
+    boot = Path(cfg.output_dir)
+    saved = json.loads((boot / "rounds.json").read_text())["rounds"]
     assert saved == table and [r["round"] for r in table] == [0, 1]
-    assert (tmp_path / "boot" / "rounds.png").stat().st_size > 0
+    assert (boot / "rounds.png").stat().st_size > 0
     base, pruned = table
     assert base["cutoff"] is None and base["kept"] == base["pool_rows"]
     assert base["ground_truth"]["recall"] is None and base["ground_truth"]["mismatched_in_pool"] > 0
@@ -63,11 +72,11 @@ def test_a_scorer_bootstrapped_from_the_pool_prunes_mostly_mismatched_captions_a
         assert 0 <= row["zero_shot"]["shapes/acc1"] <= 1
 
     # Every pool row is in the round's decisions; only the CLIP-score rule added rejections.
-    decisions = pd.read_parquet(tmp_path / "boot" / "round-01" / "decisions.parquet")
+    decisions = pd.read_parquet(boot / "round-01" / "decisions.parquet")
     before = Pool.load(pool).decisions
     assert len(decisions) == len(before) and int(decisions["kept"].sum()) == pruned["kept"]
     assert set(decisions.loc[decisions["flag_clip_score"], "reason"]) == {"clip_score_not_in_top_fraction"}
-    trained_on = [s.uid for shard in sorted((tmp_path / "boot" / "round-01" / "shards").glob("*.tar"))
+    trained_on = [s.uid for shard in sorted((boot / "round-01" / "shards").glob("*.tar"))
                   for s in read_shard(str(shard))]
     assert trained_on == list(decisions.loc[decisions["kept"], "uid"])
 
@@ -78,15 +87,67 @@ def test_a_scorer_bootstrapped_from_the_pool_prunes_mostly_mismatched_captions_a
     assert truth["recall"] >= 0.6 and truth["clean_kept"] >= 0.85, truth
 
     # Resume: an unfinished round 1 reuses its embeddings and trained model; finished rounds are skipped.
-    (tmp_path / "boot" / "round-01" / "round.json").unlink()
+    (boot / "round-01" / "round.json").unlink()
     messages: list[str] = []
     again = run_bootstrap(cfg, rounds=2, use_ray=False, log=messages.append, quiet_tools=True)
     shards = len(Pool.load(pool).shards)
     assert "round 0: finished in an earlier run" in messages[0]
-    assert any(f"{shards} shard(s) embedded ({shards} from an earlier run)" in m for m in messages)
+    assert any(f"{shards} job(s) embedded ({shards} from an earlier run)" in m for m in messages)
     assert any(m.startswith("train: ") and m.endswith("finished in an earlier run") for m in messages)
     assert not any("vlm-train --config" in m for m in messages)
     assert again[1]["ground_truth"] == truth and again[1]["kept"] == pruned["kept"]
+
+
+def test_a_finished_run_given_as_round0_run_is_round_0_and_its_scorer_without_training_again(
+        corpus, pool, bootstrapped, tmp_path):
+    cfg, table = bootstrapped
+    boot, reused, out = Path(cfg.output_dir), Path(cfg.output_dir) / "round-00" / "run", tmp_path / "reuse"
+    # Round 1's training is not under test here: a copy of the first bootstrap's finished run stands in for it.
+    shutil.copytree(boot / "round-01" / "run", out / "round-01" / "run")
+    messages: list[str] = []
+    again = run_bootstrap(bootstrap_config(corpus, pool, out, [f"round0_run={reused}"]), rounds=2, use_ray=False,
+                          log=messages.append, quiet_tools=True)
+
+    assert not any("vlm-train --config" in m for m in messages) and not (out / "round-00" / "run").exists()
+    assert again[0]["reused_run"] == str(reused) and again[0]["checkpoint"] == str(reused / "final")
+    assert again[0]["train_summary"] == table[0]["train_summary"]
+    assert again[0]["zero_shot"] == table[0]["zero_shot"]  # evaluated again: the same model gives the same numbers
+    # Round 1 scored the pool with the reused run: the same scores and decisions as the first bootstrap's round 1.
+    assert again[1]["scorer"] == str(reused)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "round-01" / "decisions.parquet"),
+                                  pd.read_parquet(boot / "round-01" / "decisions.parquet"))
+    assert again[1]["ground_truth"] == table[1]["ground_truth"]
+
+
+def test_a_round0_run_that_did_not_train_as_round_0_would_is_refused_naming_what_differs(
+        corpus, pool, bootstrapped, tmp_path):
+    cfg, _ = bootstrapped
+    boot = Path(cfg.output_dir)
+
+    def refused(run: Path, *overrides: str) -> str:
+        with pytest.raises(BootstrapError) as refusal:
+            run_bootstrap(bootstrap_config(corpus, pool, tmp_path / "out", [f"round0_run={run}", *overrides]),
+                          rounds=1, use_ray=False, log=lambda _: None, quiet_tools=True)
+        return str(refusal.value)
+
+    other_shards = refused(boot / "round-01" / "run")  # trained on round 1's pruned pool
+    assert f"data.train_shards ('{boot / 'round-01' / 'shards'}' there, '{Path(pool) / 'shards'}' here)" in other_shards
+    fewer_steps = json.dumps(["steps=100", *TRAIN_OVERRIDES[1:]])
+    assert "differing: steps (150 there, 100 here)" in refused(boot / "round-00" / "run",
+                                                               f"train_overrides={fewer_steps}")
+    assert "nproc (1 ranks there, 2 here)" in refused(boot / "round-00" / "run", "nproc=2")
+    assert "is not a finished vlm-train run" in refused(boot / "round-00")
+    assert not (tmp_path / "out" / "round-00").exists()
+
+    # A round 0 finished with a run that was retrained since: the rounds built on it are stale.
+    run = tmp_path / "run"
+    shutil.copytree(boot / "round-00" / "run", run)
+    config = bootstrap_config(corpus, pool, tmp_path / "stale", [f"round0_run={run}", "eval_sets=[]"])
+    run_bootstrap(config, rounds=1, use_ray=False, log=lambda _: None, quiet_tools=True)
+    summary = json.loads((run / "train_summary.json").read_text())
+    (run / "train_summary.json").write_text(json.dumps({**summary, "final_loss": summary["final_loss"] + 1}))
+    with pytest.raises(BootstrapError, match=r"finished with another model than round0_run .*\(retrained since\?\)"):
+        run_bootstrap(config, rounds=1, use_ray=False, log=lambda _: None, quiet_tools=True)
 
 
 def test_an_empty_pool_or_an_unfinished_curation_is_refused_with_a_clear_message(tmp_path):
