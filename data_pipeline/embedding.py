@@ -24,6 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from data_pipeline.config import EmbedConfig
+from data_pipeline.ray_runtime import ensure_ray
 from data_pipeline.shards import write_json_atomic
 from data_pipeline.stages.embed import EmbedError, EmbedJob, ModelSpec, embed_job, job_outputs
 
@@ -81,9 +82,7 @@ class EmbedWorkers:
     def _start_actors(self, wanted: int) -> None:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=self.cfg.num_cpus or None, include_dashboard=False, log_to_driver=False)
-            self.started_ray = True
+        self.started_ray = ensure_ray(self.cfg.num_cpus) or self.started_ray
         # Fractional CPUs: the actors share a small machine with the curation's own Ray tasks.
         remote = ray.remote(num_cpus=self.cfg.cpus_per_worker)(JobEmbedder)
         args = (self.spec.describe(), self.cfg.batch_size, self.cfg.threads_per_worker)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from data_pipeline import embed_step
 from data_pipeline.config import CurateConfig, to_dict
+from data_pipeline.ray_runtime import ensure_ray
 from data_pipeline.select import decide, eligible_for_dedup, funnel
 from data_pipeline.select_embeddings import funnel_stages, select_by_embeddings
 from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_json_atomic, write_shard
@@ -103,14 +104,7 @@ class RayExecutor:
         import ray
 
         self.ray, self.cfg = ray, cfg
-        self.started = not ray.is_initialized()
-        if self.started:
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, log_to_driver=False)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # ours shows rows/s and rejections instead
+        self.started = ensure_ray(cfg.ray.num_cpus, address)
 
     def score(self, parts: list[Part], parts_dir: Path) -> Iterator[dict]:
         ray = self.ray
