@@ -51,10 +51,21 @@ def _funnel(funnel: dict, path: Path) -> Path:
     return path
 
 
+# Histogram per column, when the run has it (the embedding stages add theirs).
+HISTOGRAMS = (("caption_chars", "caption length (chars)"), ("min_side", "image short side (px)"),
+              ("aspect_ratio", "aspect ratio"), ("clip_score", "CLIP score (image-text cosine)"),
+              ("eval_similarity", "cosine to the nearest eval image"))
+
+
+def histogram_columns(decisions: pd.DataFrame) -> list[tuple[str, str]]:
+    """(column, title) of the histograms a run gets: the columns it has values in."""
+    return [(column, title) for column, title in HISTOGRAMS if column in decisions and decisions[column].notna().any()]
+
+
 def _histograms(decisions: pd.DataFrame, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for axis, column, title in zip(axes, ("caption_chars", "min_side", "aspect_ratio"),
-                                   ("caption length (chars)", "image short side (px)", "aspect ratio")):
+    shown = histogram_columns(decisions)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.5), squeeze=False)
+    for axis, (column, title) in zip(axes[0], shown):
         for kept, colour in ((True, "#4c72b0"), (False, "#c44e52")):
             values = decisions.loc[decisions["kept"] == kept, column].dropna().to_numpy(dtype=float)
             if len(values):

@@ -24,6 +24,7 @@ from data_pipeline.cli import format_funnel
 from data_pipeline.cli import main as curate_main
 from data_pipeline.config import load_curate_config
 from data_pipeline.pipeline import run
+from data_pipeline.report import histogram_columns, write_report
 from data_pipeline.stages.embed import EmbedError
 from tests.bootstrap.test_embed import TINY
 from tests.pipeline.conftest import CAPTIONS, encode, noise_image, write_tar
@@ -162,6 +163,15 @@ def test_decontamination_drops_exactly_the_planted_copies_of_eval_images(dedup_r
     seen = decisions[decisions["eval_similarity"].notna()]
     np.testing.assert_allclose(seen["eval_similarity"], nearest[seen["uid"]], atol=1e-5)
     assert set(seen.loc[nearest[seen["uid"]].to_numpy() >= COPY, "uid"]) == set(contaminated["uid"])
+
+
+def test_the_report_shows_the_embedding_stages_scores_and_dropped_examples(dedup_run):
+    page = write_report(dedup_run["out"]).read_text()
+    assert [column for column, _ in histogram_columns(dedup_run["decisions"])] == [
+        "caption_chars", "min_side", "aspect_ratio", "clip_score", "eval_similarity"]
+    for reason, count in (("copy_duplicate", sum(GROUPS.values())), ("eval_contamination", len(PLANTED_EVAL))):
+        assert f"<h3>{reason} ({count})</h3>" in page
+    assert page.count("<img src='example-") >= sum(GROUPS.values()) + len(PLANTED_EVAL)
 
 
 def test_copy_dedup_keeps_one_image_of_each_planted_group_and_names_it(dedup_run):
