@@ -78,7 +78,8 @@ def _add_embed_parser(commands) -> None:
     embed.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     embed.add_argument("--workers", type=int, default=2, help="model actors (default 2)")
     embed.add_argument("--cpus-per-worker", type=float, default=0.5,
-                       help="Ray CPUs per actor (default 0.5: fractional, so actors and Ray Data tasks share small machines)")
+                       help="Ray CPUs per actor (default 0.5: fractional, so the actors and Ray Data's tasks "
+                            "share a small machine)")
     embed.add_argument("--no-ray", action="store_true", help="embed in this process (debugging)")
 
 

@@ -223,6 +223,8 @@ class RetrievalStageConfig:
     # sample mode: each seed image's k nearest pool images (above min_similarity when set)
     k: int = field(default=8, metadata={"min": 1})
     min_similarity: float | None = None
+    # the pool's index: auto = exact Flat up to 100k images, IVF-Flat above; ivf_pq compresses huge pools
+    index: str = field(default="auto", metadata={"choices": ("auto", "flat", "ivf_flat", "ivf_pq")})
     # cluster mode: clusters holding more than min_seeds seeds give per_cluster images each, max_total in all
     n_clusters: int = field(default=1000, metadata={"min": 1})
     min_seeds: int = field(default=3, metadata={"min": 0})

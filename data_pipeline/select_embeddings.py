@@ -37,7 +37,7 @@ from data_pipeline.embed_step import Embedded
 from data_pipeline.stages.clip_score import REASONS as CLIP_SCORE_REASONS
 from data_pipeline.stages.clip_score import select_by_clip_score
 from data_pipeline.vector import (BalancedSamplingConfig, ClusterRetrievalConfig, CopyDedupConfig,
-                                  DecontaminationConfig, HierarchicalKMeansConfig, SampleRetrievalConfig,
+                                  DecontaminationConfig, HierarchicalKMeansConfig, IndexConfig, SampleRetrievalConfig,
                                   SemDedupConfig, balanced_sampling, copy_dedup, decontaminate, hierarchical_kmeans,
                                   retrieve_by_cluster, retrieve_by_sample, semdedup)
 from data_pipeline.vector.balance import REASON as NOT_SAMPLED
@@ -169,8 +169,8 @@ def _retrieval(x: np.ndarray, seed_sets: list[Embedded], cfg: EmbeddingConfig):
         best = np.full(len(x), -np.inf, np.float32)
         best_seed = np.full(len(x), None, dtype=object)
         for seeds in seed_sets:
-            result = retrieve_by_sample(x, seeds.vectors, SampleRetrievalConfig(k=stage.k,
-                                                                                min_similarity=stage.min_similarity))
+            result = retrieve_by_sample(x, seeds.vectors, SampleRetrievalConfig(
+                k=stage.k, min_similarity=stage.min_similarity, index=IndexConfig(kind=stage.index)))
             keep |= result.keep
             hits += result.seed_hits
             better = result.best_similarity > best
