@@ -45,6 +45,7 @@ def rank_worker(rank: int, port: int, out_dir: str, loss_name: str) -> None:
         if key in grads:
             dist.all_reduce(grads[key])
     torch.save({"loss": loss.detach(), **{k: g / WORLD for k, g in grads.items()}}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while a peer's last transfer is in flight
     dist.destroy_process_group()
 
 

@@ -29,6 +29,7 @@ def rank_worker(rank: int, port: int, datasets: list[str], out_dir: str) -> None
     records = evaluate(datasets)
     with open(f"{out_dir}/rank{rank}.json", "w") as handle:
         json.dump(records, handle)
+    dist.barrier()  # no rank tears gloo down while a peer's last transfer is in flight
     dist.destroy_process_group()
 
 
