@@ -262,6 +262,8 @@ def kill_loader_workers() -> None:
     without a timeout: a rank leaving by any path other than a finished loader would hang forever.
     Registered after that hook, this one runs before it (atexit is last in, first out).
     """
+    # torch's SIGCHLD handler would report the killed workers as a loader failure during exit.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
@@ -282,6 +284,10 @@ class TrainLoader:
 
     def __iter__(self) -> "TrainLoader":
         return self
+
+    def close(self) -> None:
+        """Stop the loader workers now: torch shuts them down when their iterator is released."""
+        self._loader = iter(())
 
     def __next__(self) -> Batch:
         images, tokens, keys, workers, positions, skipped = next(self._loader)

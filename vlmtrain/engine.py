@@ -126,6 +126,12 @@ def train(cfg: TrainConfig) -> dict:
                                 {"train_summary": summary, "train_config": to_dict(cfg)})
         if env.is_main:
             (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    batches.close()
+    # An orderly teardown: a rank that leaves gloo to interpreter finalization can crash there
+    # (its transport threads outlive the objects they use), and a rank exiting early breaks its
+    # peers' last collective.
+    dist.barrier()
+    dist.destroy_process_group()
     return summary
 
 

@@ -56,3 +56,20 @@ def test_a_rank_that_fails_with_live_loader_workers_exits_instead_of_hanging(tmp
         rank.kill()
     assert "the rank fails while its workers are alive" in rank.stderr.read()
     assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+
+
+def test_closing_the_loader_stops_its_workers(tmp_path):
+    from vlmtrain.config import DataConfig, TextConfig, VisionConfig
+    from vlmtrain.data import build_train_loader
+
+    cfg = DataConfig(train_shards=str(write_shards(tmp_path / "a", "a", shards=2, per_shard=16)), batch_size=4,
+                     workers=2, shuffle_buffer=8)
+    before = set(psutil.Process().children())
+    batches = build_train_loader(cfg, VisionConfig(image_size=16, patch_size=8), TextConfig(context_length=8),
+                                 dp_rank=0, dp_size=1, seed=0)
+    next(batches)
+    workers = list(set(psutil.Process().children()) - before)
+    assert len(workers) == 2
+    batches.close()
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
