@@ -35,11 +35,10 @@ from typing import Callable
 
 import pandas as pd
 
-from data_pipeline.config import BootstrapConfig
+from data_pipeline.config import BootstrapConfig, ModelSpec
 from data_pipeline.embedding import embed_pool
-from data_pipeline.shards import write_json_atomic
+from data_pipeline.shards import read_shard_members, write_json_atomic
 from data_pipeline.stages.clip_score import select_by_clip_score
-from data_pipeline.stages.embed import ModelSpec
 
 MISMATCHED, CLEAN = "mismatched_caption", "clean"
 
@@ -259,7 +258,7 @@ def write_pruned_shards(shards: list[str], kept_uids: set[str], out_dir: Path, p
     written: list[Path] = []
     writer, count = None, 0
     for shard in shards:
-        for key, members in _samples(shard):
+        for key, members in read_shard_members(shard):
             if key not in kept_uids:
                 continue
             if writer is None or count == per_shard:
@@ -274,23 +273,6 @@ def write_pruned_shards(shards: list[str], kept_uids: set[str], out_dir: Path, p
         writer.close()
     os.replace(tmp, out_dir)
     return written
-
-
-def _samples(shard: str):
-    """(key, [(TarInfo, bytes), ...]) per webdataset sample of a tar."""
-    key, members = None, []
-    with tarfile.open(shard, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            stem = Path(info.name).name.partition(".")[0]
-            if members and stem != key:
-                yield key, members
-                members = []
-            key = stem
-            members.append((info, tar.extractfile(info).read()))
-    if members:
-        yield key, members
 
 
 # ------------------------------------------------------------------ training and evaluation (the real CLIs)

@@ -136,7 +136,8 @@ def _scoring_main(args: argparse.Namespace) -> int:
     from data_pipeline.bootstrap import BootstrapError, run_bootstrap
     from data_pipeline.config import EmbedConfig, load_bootstrap_config
     from data_pipeline.embedding import embed_pool
-    from data_pipeline.stages.embed import EmbedError, ModelSpec
+    from data_pipeline.config import ModelSpec
+    from data_pipeline.stages.embed import EmbedError
 
     try:
         if args.command == "bootstrap":

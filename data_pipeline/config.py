@@ -133,8 +133,9 @@ def load_curate_config(path: str | Path | None, overrides: list[str] = ()) -> Cu
 @dataclass
 class EmbedConfig:
     """How the embed stage's Ray actor pool runs a CLIP model over the pool. The model itself (a vlm-train
-    checkpoint, or an open_clip model with a local weights file) is ``stages.embed.ModelSpec``: given on
-    the ``vlm-curate embed`` command line, or each bootstrap round's scorer (the round before it)."""
+    checkpoint, or an open_clip model with a local weights file) is ``ModelSpec`` (below): given on
+    the ``vlm-curate embed`` command line, as ``embedding.model`` of a curation run, or each bootstrap
+    round's scorer (the round before it)."""
     batch_size: int = field(default=256, metadata={"min": 1})  # images per forward
     workers: int = field(default=2, metadata={"min": 1})  # model actors
     # Fractional CPUs, as for the scoring actors: the model actors share the machine with the run's
@@ -163,15 +164,27 @@ class ClipScoreConfig:
 # documents every key and where its default comes from.
 
 
-@dataclass
-class EmbeddingModelConfig:
-    """The CLIP model of the embed step: a vlm-train run/export, or an open_clip model with local weights."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """The CLIP model of the embed step (what ``vlmtrain.eval.checkpoints.load_eval_model`` needs): a
+    vlm-train run/export, or an open_clip model with a local weights file."""
     checkpoint: str = ""
     open_clip_model: str = ""
     pretrained: str = ""
 
     def is_set(self) -> bool:
         return bool(self.checkpoint or self.open_clip_model)
+
+    def load(self):
+        from vlmtrain.eval.checkpoints import load_eval_model
+
+        if self.checkpoint:
+            return load_eval_model(self.checkpoint)
+        return load_eval_model(model=self.open_clip_model, pretrained=self.pretrained or None)
+
+    def describe(self) -> dict:
+        return {"checkpoint": self.checkpoint, "open_clip_model": self.open_clip_model,
+                "pretrained": self.pretrained}
 
 
 @dataclass
@@ -252,7 +265,7 @@ class BalanceStageConfig:
 @dataclass
 class EmbeddingConfig:
     """The embed step and the selection stages over its embeddings; all off by default."""
-    model: EmbeddingModelConfig = field(default_factory=EmbeddingModelConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     clip_score: ClipScoreStageConfig = field(default_factory=ClipScoreStageConfig)
     copy_dedup: CopyDedupStageConfig = field(default_factory=CopyDedupStageConfig)

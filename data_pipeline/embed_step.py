@@ -24,7 +24,7 @@ import pandas as pd
 
 from data_pipeline.config import CurateConfig
 from data_pipeline.embedding import EmbedWorkers, embed_pool
-from data_pipeline.stages.embed import EmbedJob, ModelSpec, folder_jobs, job_outputs
+from data_pipeline.stages.embed import EmbedJob, folder_jobs, job_outputs
 
 
 class EmbeddingsMissing(RuntimeError):
@@ -63,11 +63,6 @@ class EmbedPlan:
         return ([self.pool] if self.pool else []) + self.eval_sets + self.seed_sets
 
 
-def model_spec(cfg: CurateConfig) -> ModelSpec:
-    model = cfg.embedding.model
-    return ModelSpec(checkpoint=model.checkpoint, open_clip_model=model.open_clip_model, pretrained=model.pretrained)
-
-
 def check_inputs(cfg: CurateConfig) -> None:
     """Fail before any work when the model checkpoint or a reference folder does not exist."""
     checkpoint = cfg.embedding.model.checkpoint
@@ -102,9 +97,7 @@ def plan(cfg: CurateConfig, candidates: pd.DataFrame, parts_dir: Path, work: Pat
 
 
 def _reference_set(key: str, folder: str, parent: Path, index: int) -> EmbeddingSet:
-    path = Path(folder)
-    if not path.is_dir():
-        raise EmbeddingInputError(f"{key}: folder not found: {path}")
+    path = Path(folder)  # exists: check_inputs ran before any step
     jobs = folder_jobs(path)
     if not jobs:
         raise EmbeddingInputError(f"{key}: {path} holds no .tar shards and no image files (jpg, jpeg, png, webp)")
@@ -116,7 +109,7 @@ def _reference_set(key: str, folder: str, parent: Path, index: int) -> Embedding
 
 def embed(plan: EmbedPlan, cfg: CurateConfig, use_ray: bool, log: Callable[[str], None]) -> None:
     """Embed every set of the plan (finished jobs are skipped), on one set of model workers."""
-    spec = model_spec(cfg)
+    spec = cfg.embedding.model
     with EmbedWorkers(spec, cfg.embedding.embed, use_ray) as workers:
         for embedding_set in plan.all_sets():
             embed_pool(list(embedding_set.jobs), embedding_set.out, spec, cfg.embedding.embed, use_ray=use_ray,

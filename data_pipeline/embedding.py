@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 import pandas as pd
 from tqdm import tqdm
 
-from data_pipeline.config import EmbedConfig
+from data_pipeline.config import EmbedConfig, ModelSpec
 from data_pipeline.ray_runtime import ensure_ray
 from data_pipeline.shards import write_json_atomic
-from data_pipeline.stages.embed import EmbedError, EmbedJob, ModelSpec, embed_job, job_outputs
+from data_pipeline.stages.embed import EmbedError, EmbedJob, embed_job, job_outputs
 
 INDEX_FILE = "index.parquet"
 MODEL_FILE = "model.json"

@@ -1,4 +1,4 @@
-"""Webdataset shard writer and run manifest.
+"""Webdataset shard writer, reader of finished shards, and run manifest.
 
 Shards are planned on the driver (kept rows in read order, ``samples_per_shard`` each) and written
 independently, each to a temporary name and then renamed, so a shard file that exists is complete.
@@ -13,12 +13,30 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pyarrow.parquet as pq
 
 SHARD_COLUMNS = ["uid", "image", "image_out", "image_out_ext", "caption", "source", "file", "key", "sha256",
                  "width", "height", "url"]
+
+
+def read_shard_members(path: str) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo, bytes]]]]:
+    """(key, [(member, bytes), ...]) per sample of a webdataset tar: consecutive ``<key>.<ext>`` files."""
+    key, members = None, []
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            stem = Path(info.name).name.partition(".")[0]
+            if members and stem != key:
+                yield key, members
+                members = []
+            key = stem
+            members.append((info, tar.extractfile(info).read()))
+    if members:
+        yield key, members
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.config import EmbedConfig  # noqa: E402
+from data_pipeline.config import EmbedConfig, ModelSpec  # noqa: E402
 from data_pipeline.embedding import EmbedWorkers, embed_pool  # noqa: E402
-from data_pipeline.stages.embed import ModelSpec, read_shard  # noqa: E402
+from data_pipeline.stages.embed import read_shard  # noqa: E402
 from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE  # noqa: E402
 from vlmtrain.config import load_train_config, to_dict  # noqa: E402
 from vlmtrain.eval.checkpoints import load_eval_model  # noqa: E402

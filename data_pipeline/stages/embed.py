@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from data_pipeline.shards import read_shard_members
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 FILES_PER_JOB = 1000  # image files of a folder embedded (and resumed) together
@@ -38,25 +39,6 @@ FILES_PER_JOB = 1000  # image files of a folder embedded (and resumed) together
 
 class EmbedError(ValueError):
     """A sample cannot be embedded (no image, undecodable image, no caption); names its file and key."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What ``vlmtrain.eval.checkpoints.load_eval_model`` needs: ours, or open_clip with local weights."""
-    checkpoint: str = ""
-    open_clip_model: str = ""
-    pretrained: str = ""
-
-    def load(self):
-        from vlmtrain.eval.checkpoints import load_eval_model
-
-        if self.checkpoint:
-            return load_eval_model(self.checkpoint)
-        return load_eval_model(model=self.open_clip_model, pretrained=self.pretrained or None)
-
-    def describe(self) -> dict:
-        return {"checkpoint": self.checkpoint, "open_clip_model": self.open_clip_model,
-                "pretrained": self.pretrained}
 
 
 @dataclass(frozen=True)
@@ -103,19 +85,9 @@ def job_outputs(out_dir: Path, job: EmbedJob) -> dict[str, Path]:
 
 def read_shard(path: str, images_only: bool = False) -> Iterator[Sample]:
     """Samples of a webdataset tar: consecutive members ``<key>.<ext>`` grouped by key."""
-    current: dict = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = Path(member.name).name.partition(".")
-            if current and current["__key__"] != stem:
-                yield _sample(current, path, images_only)
-                current = {}
-            current["__key__"] = stem
-            current[ext.lower()] = tar.extractfile(member).read()
-    if current:
-        yield _sample(current, path, images_only)
+    for key, members in read_shard_members(path):
+        fields = {Path(info.name).name.partition(".")[2].lower(): data for info, data in members}
+        yield _sample({"__key__": key, **fields}, path, images_only)
 
 
 def read_scored_rows(path: str, uids: tuple[str, ...] | None) -> Iterator[Sample]:

@@ -18,9 +18,9 @@ from webdataset import TarWriter
 
 from data_pipeline.bootstrap import write_pruned_shards
 from data_pipeline.cli import main as curate_main
-from data_pipeline.config import EmbedConfig
+from data_pipeline.config import EmbedConfig, ModelSpec
 from data_pipeline.embedding import EmbedWorkers, embed_pool
-from data_pipeline.stages.embed import EmbedError, ModelSpec, read_shard, shard_outputs
+from data_pipeline.stages.embed import EmbedError, read_shard, shard_outputs
 from tests.conftest import REPO
 from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE
 from vlmtrain.config import ModelConfig, TextConfig, VisionConfig, to_dict
