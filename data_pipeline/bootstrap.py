@@ -146,7 +146,8 @@ def check_round0_run(cfg: BootstrapConfig, pool: Pool) -> dict:
     """``round0_run`` must be the run round 0 would train: the same resolved vlm-train config (train_config,
     train_overrides, the pool's shards), ranks and shard files. Returns its train summary."""
     from vlmtrain.checkpoint import find_resume_point
-    from vlmtrain.config import load_train_config, to_dict
+    from vlmtrain.config import load_train_config
+    from vlmtrain.configlib import to_dict
     from vlmtrain.data import data_fingerprint, resolve_sources
 
     run = Path(cfg.round0_run)

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _scoring_main(args: argparse.Namespace) -> int:
     """``embed`` and ``bootstrap``: user mistakes end in one error line and exit code 2."""
-    from vlmtrain.checkpoint import CheckpointError
+    from vlmtrain.errors import CheckpointError
 
     from data_pipeline.bootstrap import BootstrapError, run_bootstrap
     from data_pipeline.config import EmbedConfig, load_bootstrap_config

@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtrain.config import ConfigError, from_dict, read_yaml_with_overrides, to_dict
+from vlmtrain.configlib import from_dict, read_yaml_with_overrides, to_dict
+from vlmtrain.errors import ConfigError
 
 SOURCE_FORMATS = ("webdataset", "parquet", "jsonl")
 
@@ -325,6 +326,6 @@ class BootstrapConfig:
 
 def load_bootstrap_config(path: str | Path | None, overrides: list[str] = ()) -> BootstrapConfig:
     """Read a bootstrap YAML (see configs/curate/bootstrap_demo.yaml), apply overrides, validate."""
-    from vlmtrain.config import read_yaml_with_overrides
+    from vlmtrain.configlib import read_yaml_with_overrides
 
     return from_dict(BootstrapConfig, read_yaml_with_overrides(path, overrides, "bootstrap config"))

@@ -33,7 +33,8 @@ from data_pipeline.config import EmbedConfig, ModelSpec  # noqa: E402
 from data_pipeline.embedding import EmbedWorkers, embed_pool  # noqa: E402
 from data_pipeline.stages.embed import read_shard  # noqa: E402
 from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE  # noqa: E402
-from vlmtrain.config import load_train_config, to_dict  # noqa: E402
+from vlmtrain.config import load_train_config  # noqa: E402
+from vlmtrain.configlib import to_dict  # noqa: E402
 from vlmtrain.eval.checkpoints import load_eval_model  # noqa: E402
 from vlmtrain.models.registry import build_model  # noqa: E402
 

@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO))
 
 from data_pipeline.cli import format_funnel  # noqa: E402
 from data_pipeline.config import load_curate_config  # noqa: E402
-from vlmtrain.config import load_train_config, to_dict  # noqa: E402
+from vlmtrain.config import load_train_config  # noqa: E402
+from vlmtrain.configlib import to_dict  # noqa: E402
 
 DEMO_CONFIG = REPO / "configs" / "train" / "demo.yaml"
 CURATE_CONFIG = REPO / "configs" / "curate" / "demo.yaml"

@@ -7,8 +7,9 @@ place once every rank has finished, and only then named by ``checkpoints/latest`
 atomically), so a kill at any moment leaves the previous ``latest`` whole. The newest ``keep``
 checkpoints are kept.
 
-The exported model is a ``model.safetensors`` file plus ``vlmtrain.json`` (model config and run
-metadata): loading it never unpickles anything.
+The exported model is a ``model.safetensors`` file plus ``vlmtrain.json`` (format, model family, model
+config and run metadata): loading it never unpickles anything. Its weights are the full model, whatever
+the layout the run trained in (tensor/pipeline shards are gathered first).
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vlmtrain.config import ConfigError, ModelConfig, from_dict, to_dict
+from vlmtrain.configlib import to_dict
+from vlmtrain.errors import CheckpointError, ConfigError
+from vlmtrain.models.registry import load_model_config, spec_of
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "vlmtrain.json"
@@ -33,12 +36,9 @@ CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"
 LATEST_FILE = "latest"  # DeepSpeed's convention: a text file holding the newest tag
 SIDECAR_FILE = "vlmtrain_state.json"
+EXPORT_FORMAT = "vlmtrain-model"
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or unreadable; the message names the path."""
 
 
 def checkpoint_tag(step: int) -> str:
@@ -136,20 +136,14 @@ def load_training_state(engine, point: ResumePoint) -> None:
     _restore_rng_state(point.root / point.tag / f"rng_rank{engine.global_rank}.pt")
 
 
-def export_model(engine, model_cfg: ModelConfig, out_dir: Path, metadata: dict) -> None:
-    """Collective: gather full weights (a no-op below ZeRO-3) and write them from rank 0."""
-    import deepspeed
-
-    module = engine.module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        if engine.global_rank == 0:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
-            save_file(state, str(tmp))
-            os.replace(tmp, out_dir / WEIGHTS_FILE)
-            meta = {"format": "vlmtrain-clip", "model": to_dict(model_cfg), **metadata}
-            (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+def write_export(state: dict[str, torch.Tensor], model_cfg, out_dir: Path, metadata: dict) -> None:
+    """Write the full model's weights and config as an export (called by one rank)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    meta = {"format": EXPORT_FORMAT, "family": model_cfg.family, "model": to_dict(model_cfg), **metadata}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def find_export(path: str | Path) -> Path:
@@ -164,34 +158,35 @@ def find_export(path: str | Path) -> Path:
                           f"there or under {path / EXPORT_DIR} (written at the end of vlm-train)")
 
 
-def load_initial_weights(path: str | Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict for ``model_cfg`` from an export of ours or an open_clip checkpoint file."""
-    from vlmtrain.models.openclip_compat import load_openclip_checkpoint
-
+def load_initial_weights(path: str | Path, model_cfg) -> dict[str, torch.Tensor]:
+    """Our state dict for ``model_cfg`` from an export of ours or a file the family's adapter reads
+    (open_clip's checkpoints for CLIP)."""
     path = Path(path)
     if path.is_dir():
         model, exported_cfg, _ = load_exported(path)
         if to_dict(exported_cfg) != to_dict(model_cfg):
             raise CheckpointError(f"init_from={path}: its model config differs from this run's model")
         return model.state_dict()
-    return load_openclip_checkpoint(path, model_cfg)
+    adapter = spec_of(model_cfg).adapter
+    if adapter is None:
+        raise CheckpointError(f"init_from={path}: model.family={model_cfg.family} reads only exports of "
+                              f"vlm-train (a directory), not weight files")
+    return adapter.load_file(path, model_cfg)
 
 
-def load_exported(path: str | Path) -> tuple[torch.nn.Module, ModelConfig, dict]:
+def load_exported(path: str | Path) -> tuple[torch.nn.Module, object, dict]:
     """Build the model described by an export and load its weights (strictly)."""
-    from vlmtrain.models.registry import build_model
-
     export = find_export(path)
     try:
         meta = json.loads((export / META_FILE).read_text())
-        model_cfg = from_dict(ModelConfig, meta["model"], "model")
-    except (OSError, json.JSONDecodeError, KeyError, ConfigError) as err:
+        model_cfg = load_model_config(meta["model"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
         raise CheckpointError(f"unreadable {export / META_FILE}: {err}") from None
     try:
         state = load_file(str(export / WEIGHTS_FILE))
     except (OSError, SafetensorError) as err:
         raise CheckpointError(f"unreadable {export / WEIGHTS_FILE}: {err}") from None
-    model = build_model(model_cfg)
+    model = spec_of(model_cfg).build(model_cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

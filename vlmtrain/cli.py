@@ -13,21 +13,24 @@ import sys
 import warnings
 from contextlib import contextmanager
 
-from vlmtrain.checkpoint import CheckpointError
-from vlmtrain.config import ConfigError
-from vlmtrain.data import DataError
-from vlmtrain.eval.datasets import EvalDataError
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, EvalDataError)
+from vlmtrain.errors import UserError
 
 TRAIN_EPILOG = """\
 overrides:
   Any config key can be set as key.sub=value after the options, e.g.
     vlm-train --config configs/train/demo.yaml steps=200 optim.lr=5e-4 zero_stage=1
   Values are parsed as YAML. Unknown keys and invalid values are rejected before training starts.
-  Often used: loss=siglip, zero_stage=0..3, precision=bf16, optim.grad_accum_steps=N,
-  optim.grad_clip=1.0, optim.offload=true, checkpoint.every=N, checkpoint.keep=K,
-  eval.every=N eval.datasets=[DIR,...], data.sources=[{shards: DIR, weight: W},...], data.resample=true.
+  Often used: model.preset=tiny|vit_b_32|vit_b_16|vit_l_14, model.loss=siglip, zero_stage=0..3,
+  precision=bf16, optim.grad_accum_steps=N, optim.grad_clip=1.0, optim.offload=true,
+  checkpoint.every=N, checkpoint.keep=K, eval.every=N eval.datasets=[DIR,...],
+  data.sources=[{shards: DIR, weight: W},...], data.resample=true.
+
+layout:
+  parallel.tp=T (tensor parallel: each layer split over T consecutive ranks, keep T within a node)
+  and parallel.pp=P (pipeline stages) split the ranks; data parallelism takes the rest:
+  dp = world / (T * P). Data is sharded by data-parallel rank, and contrastive losses gather over
+  the data-parallel group. pp > 1 needs zero_stage <= 1; grad_accum_steps is then the number of
+  micro-batches a pipelined step runs. A layout that cannot work is refused before launch.
 
 resuming:
   resume=latest continues the run in output_dir from its newest complete checkpoint (or starts
@@ -46,7 +49,7 @@ def user_errors(prog: str):
     """Turn the exceptions we raise for user mistakes into one clear line and exit code 2."""
     try:
         yield
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
 
@@ -65,7 +68,8 @@ def configure_runtime() -> None:
 
 def train_main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="vlm-train", description="Train a CLIP model with DeepSpeed ZeRO.",
+        prog="vlm-train", description="Train a vision-language model (model.family: clip) with DeepSpeed: "
+        "ZeRO 0-3, data × tensor × pipeline parallel.",
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/train/demo.yaml")
     parser.add_argument("--nproc-per-node", type=int, default=1,
@@ -75,12 +79,12 @@ def train_main(argv: list[str] | None = None) -> None:
 
     from vlmtrain.config import load_train_config
     from vlmtrain.data import check_enough_shards, resolve_sources
-    from vlmtrain.dist import free_port, is_launched
+    from vlmtrain.distributed.env import free_port, is_launched
 
     with user_errors("vlm-train"):
         cfg = load_train_config(args.config, args.overrides)
-        world_size = int(os.environ.get("WORLD_SIZE", args.nproc_per_node))
-        check_enough_shards(cfg.data, resolve_sources(cfg.data), world_size)
+        dims = cfg.parallel_dims(int(os.environ.get("WORLD_SIZE", args.nproc_per_node)))
+        check_enough_shards(cfg.data, resolve_sources(cfg.data), dims.dp)
         if cfg.eval.every:
             from vlmtrain.eval.suite import resolve_eval_sets
 

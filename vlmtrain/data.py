@@ -31,31 +31,17 @@ from typing import Callable, Iterator
 
 import braceexpand
 import numpy as np
-import open_clip
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlmtrain.config import DataConfig, TextConfig, VisionConfig
+from vlmtrain.config import DataConfig
+from vlmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-class DataError(ValueError):
-    """A user-facing problem with the training data (missing path, no shards, too few shards)."""
-
-
-def make_tokenizer(cfg: TextConfig) -> Callable[[list[str]], torch.Tensor]:
-    """open_clip's BPE tokenizer (its vocabulary ships in the wheel: no download)."""
-    return open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
-
-
-def make_image_transform(cfg: VisionConfig, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """open_clip's transforms with the OpenAI mean/std, so eval matches open_clip exactly."""
-    return open_clip.image_transform(cfg.image_size, is_train=train)
 
 
 def resolve_shards(spec: str, key: str = "data.train_shards") -> list[str]:
@@ -297,9 +283,12 @@ class TrainLoader:
         return Batch(images, tokens, list(keys), int(skipped.sum()))
 
 
-def build_train_loader(cfg: DataConfig, vision: VisionConfig, text: TextConfig, *, dp_rank: int,
-                       dp_size: int, seed: int, cursor: dict | None = None) -> TrainLoader:
-    """The rank's loader, resumed from ``cursor`` (a ``LoaderCursor.to_dict()``) when given."""
+def build_train_loader(cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor],
+                       tokenizer: Callable[[list[str]], torch.Tensor], *, dp_rank: int, dp_size: int, seed: int,
+                       cursor: dict | None = None) -> TrainLoader:
+    """The loader of one data-parallel rank (its tensor/pipeline peers build the same one), resumed
+    from ``cursor`` (a ``LoaderCursor.to_dict()``) when given. The model family supplies the image
+    ``transform`` and the ``tokenizer``."""
     sources = resolve_sources(cfg)
     check_enough_shards(cfg, sources, dp_size)
     workers = max(cfg.workers, 1)
@@ -310,6 +299,5 @@ def build_train_loader(cfg: DataConfig, vision: VisionConfig, text: TextConfig, 
                             f"loader worker(s) per rank; resume with data.workers={len(cursor['positions'])}")
         start_positions, offset = list(cursor["positions"]), int(cursor["next_worker"])
     stream = TrainStream(sources, [s.weight for s in cfg.source_list()], dp_rank, dp_size, workers, seed,
-                         cfg.resample, cfg.shuffle_buffer, make_image_transform(vision, train=True),
-                         make_tokenizer(text), start_positions, offset)
+                         cfg.resample, cfg.shuffle_buffer, transform, tokenizer, start_positions, offset)
     return TrainLoader(stream, cfg.batch_size, cfg.workers)

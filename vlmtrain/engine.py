@@ -1,7 +1,9 @@
 """The training loop: one optimizer step after another, read top to bottom.
 
-Model-family specifics live in the model (its forward returns a dict) and its loss (which takes
-that dict); parallelism enters only through the DeepSpeed config that ``parallel.py`` builds.
+Model-family specifics are reached through the family's ``ModelSpec`` (model, loss terms, tokenizer,
+clamped parameters); the layout (data × tensor × pipeline) through ``ParallelDims`` and the
+DeepSpeed config that ``distributed/deepspeed_config.py`` builds. Ranks read data by their
+data-parallel rank: tensor and pipeline peers see the same batches.
 """
 from __future__ import annotations
 
@@ -17,20 +19,25 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vlmtrain import checkpoint
-from vlmtrain.config import TrainConfig, to_dict
+from vlmtrain.config import TrainConfig
+from vlmtrain.configlib import to_dict
 from vlmtrain.data import build_train_loader, data_fingerprint, resolve_sources
-from vlmtrain.dist import all_gather_objects, discover
-from vlmtrain.losses import build_loss
+from vlmtrain.distributed.collectives import all_gather_objects, sum_over
+from vlmtrain.distributed.deepspeed_config import build_deepspeed_config
+from vlmtrain.distributed.env import discover
+from vlmtrain.distributed.full_state import full_state_dict
+from vlmtrain.distributed.parallel_dims import ParallelDims, ProcessGroups, build_process_groups
+from vlmtrain.errors import CheckpointError
 from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, device_peak_tflops,
                               peak_memory_gb)
-from vlmtrain.models.registry import build_model
+from vlmtrain.models.registry import spec_of
+from vlmtrain.models.spec import ModelSpec
 from vlmtrain.optim import build_optimizer, build_scheduler
-from vlmtrain.parallel import build_deepspeed_config
 
 log = logging.getLogger(__name__)
 
 # Keys that must match between a checkpoint and the run resuming it for the resume to be exact.
-RESUME_INVARIANTS = ("model", "loss", "optim", "seed", "zero_stage", "precision")
+RESUME_INVARIANTS = ("model", "optim", "seed", "zero_stage", "precision")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -39,13 +46,16 @@ def train(cfg: TrainConfig) -> dict:
 
     env = discover()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    dims = cfg.parallel_dims(env.world_size)
+    groups = build_process_groups(dims, env.rank)
+    spec = spec_of(cfg.model)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     sources = resolve_sources(cfg.data)
     fingerprint = data_fingerprint(cfg.data, sources)
     resume = checkpoint.find_resume_point(cfg.resume, run_dir) if cfg.resume else None
     if resume:
-        check_resumable(resume.sidecar, cfg, env.world_size, fingerprint)
+        check_resumable(resume.sidecar, cfg, dims, fingerprint)
     elif cfg.resume and env.is_main:
         print(f"vlm-train: no checkpoint under {run_dir / checkpoint.CHECKPOINTS_DIR} yet: starting at step 0",
               flush=True)
@@ -53,34 +63,36 @@ def train(cfg: TrainConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    model = build_model(cfg.model)
+    model = spec.build(cfg.model)
     if cfg.init_from and not resume:
         model.load_state_dict(checkpoint.load_initial_weights(cfg.init_from, cfg.model))
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(cfg))
+                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan))
     start_step, cursor = 0, None
     if resume:
         checkpoint.load_training_state(engine, resume)
-        start_step, cursor = resume.sidecar["step"], resume.sidecar["data_cursors"][env.rank]
+        start_step, cursor = resume.sidecar["step"], resume.sidecar["data_cursors"][groups.dp_rank]
         if env.is_main:
             print(f"vlm-train: resumed from {resume.root / resume.tag} at step {start_step}", flush=True)
 
-    batches = build_train_loader(cfg.data, cfg.model.vision, cfg.model.text, dp_rank=env.rank,
-                                 dp_size=env.world_size, seed=cfg.seed, cursor=cursor)
-    loss_fn = build_loss(cfg.loss)
+    batches = build_train_loader(cfg.data, spec.image_transform(cfg.model, True), spec.tokenizer(cfg.model),
+                                 dp_rank=groups.dp_rank, dp_size=dims.dp, seed=cfg.seed, cursor=cursor)
+    loss_fn = spec.build_loss(cfg.model, groups.dp)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    meter = ThroughputMeter(flops_per_sample=count_flops_per_sample(cfg.model),
-                            peak_tflops=device_peak_tflops(cfg.metrics.peak_tflops))
+    meter = ThroughputMeter(flops_per_sample=count_flops_per_sample(spec, cfg.model),
+                            peak_tflops=device_peak_tflops(cfg.metrics.peak_tflops), dp_size=dims.dp)
+    bounds = ParameterBounds(engine.module, spec)
     metrics = MetricsLogger(run_dir, env.is_main, cfg.metrics.tensorboard, resume_step=start_step)
     key_log = (StepLog(run_dir / "sample_keys" / f"rank{env.rank}.jsonl", start_step)
                if cfg.data.record_keys else None)
     stop = StopRequest()
 
     def save(step: int) -> None:
-        sidecar = {"step": step, "data_cursors": all_gather_objects(batches.cursor.to_dict()),
-                   "data_fingerprint": fingerprint, "world_size": env.world_size, "config": to_dict(cfg)}
+        sidecar = {"step": step, "data_cursors": data_cursors(batches.cursor.to_dict(), dims),
+                   "data_fingerprint": fingerprint, "world_size": env.world_size,
+                   "parallel": layout_of(dims), "config": to_dict(cfg)}
         checkpoint.save_training_state(engine, run_dir, step, sidecar, keep=cfg.checkpoint.keep)
 
     started = time.perf_counter()
@@ -90,20 +102,20 @@ def train(cfg: TrainConfig) -> dict:
     while step < cfg.steps:
         step += 1
         result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps)
-        apply_parameter_bounds(engine)
+        bounds.apply()
         meter.add(result, first=step == start_step + 1)
         if key_log:
             key_log.write({"step": step, "keys": result.keys})
         if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "loss": mean_over_ranks(result.loss), "lr": engine.get_lr()[0],
-                      **model_scalars(engine), **meter.report(), "peak_mem_gb": peak_memory_gb()}
+            record = {"step": step, **mean_losses(result.losses, groups), "lr": engine.get_lr()[0],
+                      **logged_parameters(engine.module, spec), **meter.report(), "peak_mem_gb": peak_memory_gb()}
             grad_norm = engine.get_global_grad_norm()  # before clipping; None where DeepSpeed has none
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             metrics.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
         if cfg.eval.every and step % cfg.eval.every == 0:
-            metrics.log({"step": step, **evaluate_in_training(engine, cfg)})
+            metrics.log({"step": step, **evaluate_in_training(engine, cfg, spec, dims)})
         bar.update(1)
         preempted = stop.agreed()
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.steps or preempted:
@@ -117,14 +129,16 @@ def train(cfg: TrainConfig) -> dict:
     if key_log:
         key_log.close()
 
-    summary = {"steps": step, "world_size": env.world_size, "finished": step == cfg.steps,
-               "global_batch": cfg.data.batch_size * cfg.optim.grad_accum_steps * env.world_size,
+    summary = {"steps": step, "world_size": env.world_size, "parallel": layout_of(dims),
+               "finished": step == cfg.steps,
+               "global_batch": cfg.data.batch_size * cfg.optim.grad_accum_steps * dims.dp,
                "final_loss": record.get("loss"), "samples_per_s": meter.samples_per_s_overall(),
                "skipped_samples": record.get("skipped_samples"), "wall_s": time.perf_counter() - started}
     if step == cfg.steps:
-        checkpoint.export_model(engine, cfg.model, run_dir / checkpoint.EXPORT_DIR,
-                                {"train_summary": summary, "train_config": to_dict(cfg)})
+        state = full_state_dict(engine, dims)
         if env.is_main:
+            checkpoint.write_export(state, cfg.model, run_dir / checkpoint.EXPORT_DIR,
+                                    {"train_summary": summary, "train_config": to_dict(cfg)})
             (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     batches.close()
     # An orderly teardown: a rank that leaves gloo to interpreter finalization can crash there
@@ -135,9 +149,26 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def layout_of(dims: ParallelDims) -> dict:
+    return {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}
+
+
+def data_cursors(cursor: dict, dims: ParallelDims) -> list[dict]:
+    """Collective: the loader cursor of every data-parallel rank, by dp rank (peers share one)."""
+    everyone = all_gather_objects(cursor)
+    return [everyone[dims.rank_of(0, dp_rank, 0)] for dp_rank in range(dims.dp)]
+
+
+def mean_losses(losses: dict[str, torch.Tensor], groups: ProcessGroups) -> dict[str, float]:
+    """Every loss term averaged over the data-parallel ranks (one all-reduce): ``loss`` and ``loss/<term>``."""
+    names = sorted(losses)
+    means = sum_over(torch.stack([losses[name] for name in names]), groups.dp) / groups.dims.dp
+    return {("loss" if name == "loss" else f"loss/{name}"): value for name, value in zip(names, means.tolist())}
+
+
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean over micro-batches, this rank
+    losses: dict[str, torch.Tensor]  # each loss term, mean over micro-batches, this rank
     samples: int
     skipped: int
     data_wait_s: float
@@ -148,29 +179,32 @@ class StepResult:
 def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int) -> StepResult:
     """One optimizer step: ``accum_steps`` micro-batches, DeepSpeed steps on the last one."""
     started = time.perf_counter()
-    losses, samples, skipped, waited, keys = [], 0, 0, 0.0, []
+    terms: dict[str, list[torch.Tensor]] = {}
+    samples, skipped, waited, keys = 0, 0, 0.0, []
     for _ in range(accum_steps):
         wait_from = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - wait_from
-        out = engine(batch.images.to(engine.device, dtype), batch.tokens.to(engine.device))
-        loss = loss_fn(**{name: value.float() for name, value in out.items()})
-        engine.backward(loss)
+        losses = loss_fn(engine(batch.images.to(engine.device, dtype), batch.tokens.to(engine.device)))
+        engine.backward(losses["loss"])
         engine.step()
-        losses.append(loss.detach())
+        for name, value in losses.items():
+            terms.setdefault(name, []).append(value.detach())
         samples += len(batch.keys)
         skipped += batch.skipped
         keys += batch.keys
-    return StepResult(torch.stack(losses).mean(), samples, skipped, waited,
-                      time.perf_counter() - started, keys)
+    return StepResult({name: torch.stack(values).mean() for name, values in terms.items()}, samples, skipped,
+                      waited, time.perf_counter() - started, keys)
 
 
 class ThroughputMeter:
-    """Per-rank throughput between log steps; the first step (lazy init, JIT) is not timed."""
+    """Throughput between log steps; the first step (lazy init, JIT) is not timed. Samples/s counts
+    each data-parallel replica once (its tensor/pipeline peers work on the same samples)."""
 
-    def __init__(self, flops_per_sample: float, peak_tflops: float | None):
+    def __init__(self, flops_per_sample: float, peak_tflops: float | None, dp_size: int):
         self.flops_per_sample = flops_per_sample
         self.peak_tflops = peak_tflops
+        self.dp_size = dp_size
         self._window = self._empty()
         self._total = self._empty()
         self.skipped = 0
@@ -190,23 +224,25 @@ class ThroughputMeter:
             window["wait_s"] += result.data_wait_s
 
     def report(self) -> dict:
+        """Collective (the skipped-sample count is summed over ranks)."""
         w, self._window = self._window, self._empty()
+        per_replica = w["samples"] / w["step_s"] if w["step_s"] else 0.0
         world = dist.get_world_size() if dist.is_initialized() else 1
-        per_rank = w["samples"] / w["step_s"] if w["step_s"] else 0.0
-        tflops = per_rank * self.flops_per_sample / 1e12
-        record = {"samples_per_s": per_rank * world,
+        tflops = per_replica * self.dp_size * self.flops_per_sample / world / 1e12
+        record = {"samples_per_s": per_replica * self.dp_size,
                   "step_time_s": w["step_s"] / w["steps"] if w["steps"] else 0.0,
                   "data_wait_frac": w["wait_s"] / w["step_s"] if w["step_s"] else 0.0,
                   "tflops_per_device": tflops,
-                  "skipped_samples": int(sum_over_ranks(self.skipped))}
+                  # every peer of a replica reads the same samples: count each replica once
+                  "skipped_samples": int(sum_over(torch.tensor([float(self.skipped)])).item()
+                                         * self.dp_size / world)}
         if self.peak_tflops:
             record["mfu"] = tflops / self.peak_tflops
         return record
 
     def samples_per_s_overall(self) -> float:
-        world = dist.get_world_size() if dist.is_initialized() else 1
         t = self._total
-        return t["samples"] / t["step_s"] * world if t["step_s"] else 0.0
+        return t["samples"] / t["step_s"] * self.dp_size if t["step_s"] else 0.0
 
 
 class StopRequest:
@@ -225,94 +261,100 @@ class StopRequest:
         self._requested = True
 
     def agreed(self) -> bool:
-        return sum_over_ranks(float(self._requested)) > 0
+        return sum_over(torch.tensor([float(self._requested)])).item() > 0
 
 
-def evaluate_in_training(engine, cfg: TrainConfig) -> dict[str, float]:
+def evaluate_in_training(engine, cfg: TrainConfig, spec: ModelSpec, dims: ParallelDims) -> dict[str, float]:
     """Zero-shot metrics of the current weights on ``cfg.eval.datasets``; every rank takes part.
 
     The ranks split the images and gather the embeddings, so the numbers equal a 1-rank eval. An
-    fp32 model below ZeRO-3 is evaluated as it is; otherwise every rank evaluates a gathered fp32
-    copy (ZeRO-3 would otherwise need every rank to run the same number of forward passes).
+    fp32 data-parallel model below ZeRO-3 is evaluated as it is; otherwise every rank evaluates a
+    gathered fp32 copy of the full model (ZeRO-3 would need every rank to run the same number of
+    forward passes; tensor and pipeline shards are not a model on their own).
     """
-    from vlmtrain.data import make_image_transform, make_tokenizer
     from vlmtrain.eval.suite import evaluate_all, metrics_for_logging
 
     model = engine.module
-    if engine.zero_optimization_stage() == 3 or cfg.precision != "fp32":
-        import deepspeed
-
-        model = build_model(cfg.model).to(engine.device)
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            model.load_state_dict(engine.module.state_dict())
-    records = evaluate_all(model, make_tokenizer(cfg.model.text), make_image_transform(cfg.model.vision, train=False),
+    if engine.zero_optimization_stage() == 3 or cfg.precision != "fp32" or dims.tp > 1 or dims.pp > 1:
+        model = spec.build(cfg.model)
+        model.load_state_dict(full_state_dict(engine, dims))
+        model.to(engine.device)
+    records = evaluate_all(model, spec.tokenizer(cfg.model), spec.image_transform(cfg.model, False),
                            cfg.eval.datasets, batch_size=cfg.eval.batch_size, device=engine.device)
     return metrics_for_logging(records)
 
 
-@torch.no_grad()
-def apply_parameter_bounds(engine) -> None:
-    """Clamp the parameters the model bounds (CLIP's temperature) after each optimizer step.
+def _named(module: torch.nn.Module, names) -> list[tuple[str, torch.nn.Parameter]]:
+    """This rank's parameters whose name is one of ``names`` or ends in ``.name`` (any wrapper prefix)."""
+    return [(key, param) for full, param in module.named_parameters()
+            for key in names if full == key or full.endswith(f".{key}")]
+
+
+class ParameterBounds:
+    """Clamp the parameters the family bounds (CLIP's temperature) after each optimizer step.
 
     The clamp must reach the optimizer's fp32 master copy, or the next step would undo it. ZeRO-3
     keeps a partition of each parameter per rank, and a clamp is elementwise, so each rank clamps
     its own partition (DeepSpeed's full-parameter setter fails on parameters smaller than the world).
     """
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,
-                                 safe_set_full_fp32_param, safe_set_local_fp32_param)
 
-    for param, (low, high) in engine.module.parameter_bounds():
-        if hasattr(param, "ds_id"):  # ZeRO-3: the fp32 partition and this rank's working partition
-            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(low, high))
-            param.ds_tensor.clamp_(low, high)
-        else:
-            master = safe_get_full_fp32_param(param)
-            if master is not None:
-                safe_set_full_fp32_param(param, master.clamp(low, high))
-        # The full parameter: replicated below ZeRO-3; at ZeRO-3 a small one stays gathered
-        # ("persistent") and the rest are empty outside forward, where this is a no-op.
-        param.clamp_(low, high)
+    def __init__(self, module: torch.nn.Module, spec: ModelSpec):
+        self.bounded = [(param, spec.parameter_bounds[key]) for key, param in _named(module, spec.parameter_bounds)]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,
+                                     safe_set_full_fp32_param, safe_set_local_fp32_param)
+
+        for param, (low, high) in self.bounded:
+            if hasattr(param, "ds_id"):  # ZeRO-3: the fp32 partition and this rank's working partition
+                safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(low, high))
+                param.ds_tensor.clamp_(low, high)
+            else:
+                master = safe_get_full_fp32_param(param)
+                if master is not None:
+                    safe_set_full_fp32_param(param, master.clamp(low, high))
+            # The full parameter: replicated below ZeRO-3; at ZeRO-3 a small one stays gathered
+            # ("persistent") and the rest are empty outside forward, where this is a no-op.
+            param.clamp_(low, high)
 
 
-def model_scalars(engine) -> dict:
-    """The temperature (and SigLIP bias) as the loss sees them; gathered under ZeRO-3."""
+def logged_parameters(module: torch.nn.Module, spec: ModelSpec) -> dict[str, float]:
+    """Collective: the parameters the family logs (the temperature as the loss sees it), from
+    whichever ranks hold them (a pipeline's last stage); gathered under ZeRO."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    def value(param: torch.nn.Parameter) -> float:
+    mine = {}
+    for key, param in _named(module, spec.logged_parameters):
         master = safe_get_full_fp32_param(param)  # None without ZeRO: the parameter is the master
-        return (master if master is not None else param).float().item()
-
-    module = engine.module
-    scalars = {"logit_scale": float(torch.tensor(value(module.logit_scale)).exp())}
-    if module.logit_bias is not None:
-        scalars["logit_bias"] = value(module.logit_bias)
-    return scalars
+        mine[key] = spec.logged_parameters[key](float((master if master is not None else param).float().item()))
+    merged: dict[str, float] = {}
+    for part in all_gather_objects(mine):
+        merged.update(part)
+    return merged
 
 
-def check_resumable(sidecar: dict, cfg: TrainConfig, world_size: int, fingerprint: str) -> None:
-    """An exact resume needs the same model, optimizer, seed, ranks and data as the checkpoint."""
+def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerprint: str) -> None:
+    """An exact resume needs the same model, optimizer, seed, layout and data as the checkpoint."""
     saved, now = sidecar["config"], to_dict(cfg)
-    changed = [key for key in RESUME_INVARIANTS if saved[key] != now[key]]
+    changed = [key for key in RESUME_INVARIANTS if saved.get(key) != now[key]]
     for key in ("batch_size", "workers"):
         if saved["data"][key] != now["data"][key]:
             changed.append(f"data.{key}")
     if changed:
-        raise checkpoint.CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
-    if sidecar["world_size"] != world_size:
-        raise checkpoint.CheckpointError(f"cannot resume: the checkpoint has {sidecar['world_size']} data-parallel "
-                                         f"rank(s), this run {world_size}")
+        raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
+    saved_layout = sidecar.get("parallel", {"dp": sidecar["world_size"], "tp": 1, "pp": 1})
+    if saved_layout != layout_of(dims):
+        export_hint = Path(cfg.output_dir) / checkpoint.EXPORT_DIR
+        raise CheckpointError(
+            f"cannot resume: the checkpoint was written at {_describe(saved_layout)}, this run is "
+            f"{_describe(layout_of(dims))}; an exact resume needs the same layout. To continue in this "
+            f"layout, start from the weights with init_from=<an export of that run, e.g. {export_hint}> "
+            f"(the optimizer state starts afresh)")
     if sidecar["data_fingerprint"] != fingerprint:
-        raise checkpoint.CheckpointError("cannot resume: the training shards changed since the checkpoint "
-                                         "(names, sizes, weights or order options)")
+        raise CheckpointError("cannot resume: the training shards changed since the checkpoint "
+                              "(names, sizes, weights or order options)")
 
 
-def sum_over_ranks(value: float) -> float:
-    tensor = torch.tensor([float(value)])
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.item()
-
-
-def mean_over_ranks(value: torch.Tensor) -> float:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return sum_over_ranks(value.float().item()) / world
+def _describe(layout: dict) -> str:
+    return " × ".join(f"{axis}={layout[axis]}" for axis in ("dp", "tp", "pp"))

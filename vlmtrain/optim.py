@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -9,16 +10,16 @@ from torch import nn
 from vlmtrain.config import OptimConfig
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases, embeddings and the logit scale are not decayed."""
-    return param.ndim < 2 or "embedding" in name or "logit_scale" in name
+def no_weight_decay(name: str, param: nn.Parameter, also: Sequence[str] = ()) -> bool:
+    """Norms, biases, embeddings and what the model family names (CLIP's logit scale) are not decayed."""
+    return param.ndim < 2 or "embedding" in name or any(key in name for key in also)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay_names: Sequence[str] = ()) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
+            (no_decay if no_weight_decay(name, param, no_decay_names) else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (CPU and CUDA) steps all tensors at once; the default per-tensor loop costs

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from vlmtrain.dist import free_port
+from vlmtrain.distributed.env import free_port
 from vlmtrain.losses import LOSSES
 
 pytestmark = pytest.mark.dist

@@ -10,7 +10,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from tests.unit.conftest import CONTEXT_LENGTH, tiny_clip
 from tests.unit.test_eval_layouts import write_classification_sets, write_retrieval_sets
-from vlmtrain.dist import free_port
+from vlmtrain.distributed.env import free_port
 from vlmtrain.eval.suite import evaluate_all
 
 pytestmark = pytest.mark.dist

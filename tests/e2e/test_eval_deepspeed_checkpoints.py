@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from vlmtrain.config import to_dict
-from vlmtrain.dist import free_port
+from vlmtrain.distributed.env import free_port
 from vlmtrain.eval.checkpoints import load_eval_model
 
 from tests.unit.test_eval_checkpoints import TINY

@@ -4,7 +4,7 @@ import json
 import pytest
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
-from vlmtrain.eval.errors import EvalDataError
+from vlmtrain.errors import EvalDataError
 from vlmtrain.eval.metadata import load_classnames, load_templates, resolve_classnames_and_templates
 from vlmtrain.eval.zeroshot import render_prompt
 

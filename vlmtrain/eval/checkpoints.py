@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
-from vlmtrain.checkpoint import EXPORT_DIR, CheckpointError, find_export, load_exported
-from vlmtrain.config import ConfigError, ModelConfig, from_dict
+from vlmtrain.checkpoint import EXPORT_DIR, find_export, load_exported
+from vlmtrain.errors import CheckpointError, ConfigError
+from vlmtrain.models.registry import load_model_config, spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,9 @@ def load_eval_model(checkpoint: str | Path | None = None, *, tag: str | None = N
 # ---------------------------------------------------------------- ours
 
 
-def _ours(model: torch.nn.Module, model_cfg: ModelConfig, name: str, source: str) -> EvalModel:
-    from vlmtrain.data import make_image_transform, make_tokenizer
-
-    return EvalModel(model, make_tokenizer(model_cfg.text), make_image_transform(model_cfg.vision, train=False),
-                     name, source)
+def _ours(model: torch.nn.Module, model_cfg, name: str, source: str) -> EvalModel:
+    spec = spec_of(model_cfg)
+    return EvalModel(model, spec.tokenizer(model_cfg), spec.image_transform(model_cfg, False), name, source)
 
 
 def _load_ours(path: Path, tag: str | None) -> EvalModel:
@@ -86,9 +85,7 @@ def _load_ours(path: Path, tag: str | None) -> EvalModel:
     root, tag = _deepspeed_root_and_tag(path, tag)
     model_cfg = _deepspeed_model_config(root, tag)
     state = _deepspeed_state_dict(root, tag)
-    from vlmtrain.models.registry import build_model
-
-    model = build_model(model_cfg)
+    model = spec_of(model_cfg).build(model_cfg)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as err:
@@ -131,7 +128,7 @@ def _deepspeed_root_and_tag(path: Path, tag: str | None) -> tuple[Path, str]:
     return root, tag
 
 
-def _deepspeed_model_config(root: Path, tag: str) -> ModelConfig:
+def _deepspeed_model_config(root: Path, tag: str):
     """The run's model config: the tag's sidecar first (it travels with the checkpoint), else RUN/config.json."""
     candidates = [(root / tag / SIDECAR_FILE, "config"), (root.parent / RUN_CONFIG_FILE, None)]
     for path, key in candidates:
@@ -140,7 +137,7 @@ def _deepspeed_model_config(root: Path, tag: str) -> ModelConfig:
         try:
             raw = json.loads(path.read_text())
             run_config = raw[key] if key else raw
-            return from_dict(ModelConfig, run_config["model"], "model")
+            return load_model_config(run_config["model"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ConfigError) as err:
             raise CheckpointError(f"unreadable model config in {path}: {type(err).__name__}: {err}") from None
     raise CheckpointError(f"no model config for checkpoint {root / tag}: expected {candidates[0][0]} "

@@ -38,8 +38,8 @@ import torch
 import webdataset
 from PIL import Image
 
-from vlmtrain.dist import all_gather_objects, rank_and_world
-from vlmtrain.eval.errors import EvalDataError
+from vlmtrain.distributed.collectives import all_gather_objects, rank_and_size
+from vlmtrain.errors import EvalDataError
 from vlmtrain.eval.metadata import CLASSNAMES_STEM, Template, find_metadata_file, resolve_classnames_and_templates
 
 __all__ = ["EvalDataError", "EvalSet", "DecodeReport", "discover_eval_sets", "open_eval_set", "eval_batches"]
@@ -401,7 +401,7 @@ def _decoded_share(eval_set: EvalSet, transform: Transform, report: DecodeReport
 
     A strided share needs no counting pass over the set; positions restore the storage order.
     """
-    rank, world = rank_and_world()
+    rank, world = rank_and_size()
     for position, sample in enumerate(eval_set.samples()):
         if position % world != rank:
             continue

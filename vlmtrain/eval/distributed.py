@@ -11,14 +11,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 
-from vlmtrain.dist import all_gather_objects, rank_and_world
+from vlmtrain.distributed.collectives import all_gather_objects, rank_and_size
 
 Result = TypeVar("Result")
 
 
 def contiguous_share(count: int) -> slice:
     """This rank's contiguous slice of ``count`` items; slices of all ranks tile ``range(count)``."""
-    rank, world = rank_and_world()
+    rank, world = rank_and_size()
     return slice(count * rank // world, count * (rank + 1) // world)
 
 
@@ -38,7 +38,7 @@ def gather_or_raise(compute: Callable[[], Result]) -> list[Result]:
     others waiting in the next collective forever. Here a failed rank raises its own error
     and the others raise the error of the first rank that failed.
     """
-    _, world = rank_and_world()
+    _, world = rank_and_size()
     if world == 1:
         return [compute()]
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-from vlmtrain.eval.errors import EvalDataError
+from vlmtrain.errors import EvalDataError
 
 Template = str | Callable[[str], str]
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from vlmtrain.config import ConfigError, from_dict, read_yaml_with_overrides
+from vlmtrain.configlib import from_dict, read_yaml_with_overrides
+from vlmtrain.errors import ConfigError
 from vlmtrain.eval.confusion import write_confusion_png
 from vlmtrain.eval.datasets import (CLASSIFICATION, RETRIEVAL, DecodeReport, EvalDataError, EvalSet,
                                     discover_eval_sets, eval_batches, open_eval_set)

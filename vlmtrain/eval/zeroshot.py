@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vlmtrain.dist import rank_and_world
+from vlmtrain.distributed.collectives import rank_and_size
 from vlmtrain.eval.distributed import contiguous_share, gather_or_raise
 
 Template = str | Callable[[str], str]
@@ -70,7 +70,7 @@ def render_prompt(template: Template, classname: str) -> str:
 
 def _show_progress(progress: bool) -> bool:
     """Bars on rank 0 only: one bar per rank would garble the terminal."""
-    return progress and rank_and_world()[0] == 0
+    return progress and rank_and_size()[0] == 0
 
 
 def encode_texts(
@@ -85,7 +85,7 @@ def encode_texts(
     if not texts:
         raise ValueError("encode_texts got no texts to encode")
     share = list(texts[contiguous_share(len(texts))])
-    world = rank_and_world()[1]
+    world = rank_and_size()[1]
 
     def encode_share() -> torch.Tensor | None:
         features = []
@@ -137,7 +137,7 @@ def embed_images(
     the batch iterator skipped. Positions order the samples of all ranks; without them a batch's
     samples follow the previous batch's, which only one process can know.
     """
-    rank, world = rank_and_world()
+    rank, world = rank_and_size()
 
     def embed_share() -> tuple[torch.Tensor | None, list[Any], list[int]]:
         features, labels, positions = [], [], []

@@ -1,38 +1,29 @@
-"""Model presets as data, resolved by name (open_clip's model-config registry, in miniature)."""
+"""Model families by name: ``model.family`` in a run config selects one spec."""
 from __future__ import annotations
 
-import copy
+from vlmtrain.errors import ConfigError
+from vlmtrain.models.clip.config import migrate_legacy as migrate_legacy_clip
+from vlmtrain.models.clip.spec import SPEC as CLIP_SPEC
+from vlmtrain.models.spec import ModelSpec
 
-from vlmtrain.config import ConfigError, ModelConfig
-
-PRESETS: dict[str, dict] = {
-    # Sized for CPU tests and the demo.
-    "tiny": {
-        "embed_dim": 64,
-        "vision": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
-        "text": {"context_length": 32, "width": 64, "layers": 2, "heads": 2},
-    },
-    # open_clip ViT-B-32 and ViT-B-16 dimensions.
-    "vit_b_32": {
-        "embed_dim": 512,
-        "vision": {"image_size": 224, "patch_size": 32, "width": 768, "layers": 12, "heads": 12},
-        "text": {"context_length": 77, "width": 512, "layers": 12, "heads": 8},
-    },
-    "vit_b_16": {
-        "embed_dim": 512,
-        "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
-        "text": {"context_length": 77, "width": 512, "layers": 12, "heads": 8},
-    },
+FAMILIES: dict[str, ModelSpec] = {
+    "clip": CLIP_SPEC,
 }
 
 
-def preset_dict(name: str) -> dict:
-    if name not in PRESETS:
-        raise ConfigError(f"config key 'model.name': got {name!r}, allowed values: {', '.join(PRESETS)}")
-    return {"name": name, **copy.deepcopy(PRESETS[name])}
+def get_spec(family: str, key: str = "model.family") -> ModelSpec:
+    if family not in FAMILIES:
+        raise ConfigError(f"config key {key!r}: got {family!r}, allowed values: {', '.join(FAMILIES)}")
+    return FAMILIES[family]
 
 
-def build_model(cfg: ModelConfig):
-    from vlmtrain.models.clip import CLIP
+def spec_of(model_cfg) -> ModelSpec:
+    """The spec of a resolved model config (every family's config names its family)."""
+    return get_spec(model_cfg.family)
 
-    return CLIP(cfg)
+
+def load_model_config(saved: dict, prefix: str = "model"):
+    """A model config that vlm-train wrote whole (an export's, a checkpoint's), old layouts included."""
+    if "family" not in saved:  # written before model families existed: always a CLIP
+        saved = migrate_legacy_clip(saved)
+    return get_spec(saved["family"], f"{prefix}.family").load(saved, prefix)

@@ -1,4 +1,5 @@
-"""Contrastive losses. Each rank computes a *local* loss against features gathered from all ranks.
+"""Contrastive losses. Each rank computes a *local* loss against features gathered from its
+data-parallel group (tensor and pipeline peers hold the same samples, so they are not gathered).
 
 Gathering with gradients lets every rank's backward reach the features of the others, so the
 mean of the local losses (what data-parallel averaging optimises) has the gradient of the full
@@ -7,33 +8,25 @@ global-batch loss, at O(local × global) rather than O(global²) logits per rank
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
-from vlmtrain.dist import rank_and_world
-
-
-def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``features`` from every rank, in rank order, keeping the autograd graph.
-
-    Functional collectives are torch's replacement for the deprecated ``torch.distributed.nn``
-    gather; their backward reduce-scatters the gradients back to the owning ranks.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features
-    return funcol.all_gather_single(features.contiguous(), 0, dist.group.WORLD)
+from vlmtrain.distributed.collectives import gather_with_grad, rank_and_size
 
 
 class ClipLoss(nn.Module):
     """Symmetric InfoNCE (open_clip's ClipLoss with local_loss=True, gather_with_grad=True)."""
 
+    def __init__(self, group: ProcessGroup | None = None):
+        super().__init__()
+        self.group = group
+
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor) -> torch.Tensor:
-        all_image = gather_with_grad(image_features)
-        all_text = gather_with_grad(text_features)
-        rank, _ = rank_and_world()
+        all_image = gather_with_grad(image_features, self.group)
+        all_text = gather_with_grad(text_features, self.group)
+        rank, _ = rank_and_size(self.group)
         local = image_features.shape[0]
         labels = torch.arange(local, device=image_features.device) + rank * local
         logits_per_image = logit_scale * image_features @ all_text.T
@@ -50,10 +43,14 @@ class SigLipLoss(nn.Module):
     instead of gathering them; the sums are the same.
     """
 
+    def __init__(self, group: ProcessGroup | None = None):
+        super().__init__()
+        self.group = group
+
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
-        all_text = gather_with_grad(text_features)
-        rank, _ = rank_and_world()
+        all_text = gather_with_grad(text_features, self.group)
+        rank, _ = rank_and_size(self.group)
         local = image_features.shape[0]
         logits = logit_scale * image_features @ all_text.T + logit_bias
         labels = -torch.ones_like(logits)
@@ -65,6 +62,13 @@ class SigLipLoss(nn.Module):
 LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
 
 
-def build_loss(name: str) -> nn.Module:
-    """The loss a run's ``loss`` key names; it is called with the model's output dict."""
-    return LOSSES[name]()
+class ContrastiveObjective(nn.Module):
+    """The CLIP family's objective: one named term, ``contrastive``, and the total ``loss``."""
+
+    def __init__(self, kind: str, group: ProcessGroup | None = None):
+        super().__init__()
+        self.loss = LOSSES[kind](group)
+
+    def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        contrastive = self.loss(**{name: value.float() for name, value in out.items()})
+        return {"loss": contrastive, "contrastive": contrastive}

@@ -8,11 +8,6 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import TypeVar
-
-import torch.distributed as dist
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,20 +41,3 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default group, ``(0, 1)`` outside torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather_objects(obj: T) -> list[T]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled: for small objects)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return [obj]
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, obj)
-    return gathered

@@ -19,13 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vlmtrain.checkpoint import CheckpointError
-from vlmtrain.config import ModelConfig, TextConfig, VisionConfig, from_dict
-from vlmtrain.models.registry import PRESETS, build_model, preset_dict
+from vlmtrain.configlib import from_dict
+from vlmtrain.errors import CheckpointError
+from vlmtrain.models.clip.config import PRESETS, CLIPConfig
+from vlmtrain.models.clip.model import CLIP
+from vlmtrain.models.common.text import TextConfig
+from vlmtrain.models.common.vision import VisionConfig
 
 OPENCLIP_CONFIG_FILE = "open_clip_config.json"
 OPENCLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
-IMPORTED_MODEL_NAME = "openclip-import"
+IMPORTED_PRESET = "openclip-import"
 
 # Our key ↔ open_clip key. Exact names first, then substring swaps inside the towers.
 _PROJECTIONS = {"visual.proj.weight": "visual.proj", "text.proj.weight": "text_projection"}
@@ -45,7 +48,7 @@ class OpenClipCompatError(CheckpointError):
 # ---------------------------------------------------------------- model configs
 
 
-def openclip_model_config(cfg: ModelConfig) -> dict:
+def openclip_model_config(cfg: CLIPConfig) -> dict:
     """open_clip's model config (as in its ``model_configs/*.json``) for the same architecture."""
     vision, text = cfg.vision, cfg.text
     model_cfg: dict[str, Any] = {
@@ -76,8 +79,8 @@ _TOP_LEVEL = {"embed_dim", "vision_cfg", "text_cfg", "init_logit_scale", "init_l
 _TOP_LEVEL_OFF = ("quick_gelu", "custom_text")
 
 
-def model_config_from_openclip(model_cfg: dict) -> ModelConfig:
-    """Our ``ModelConfig`` for an open_clip model config, e.g. ``open_clip.get_model_config("ViT-B-32")``.
+def model_config_from_openclip(model_cfg: dict) -> CLIPConfig:
+    """Our ``CLIPConfig`` for an open_clip model config, e.g. ``open_clip.get_model_config("ViT-B-32")``.
 
     Raises ``OpenClipCompatError`` listing every setting our towers do not implement (QuickGELU,
     timm/HF/ResNet towers, layer scale, other pooling, custom norms, ...).
@@ -108,18 +111,19 @@ def model_config_from_openclip(model_cfg: dict) -> ModelConfig:
         raise OpenClipCompatError(f"open_clip model config is not representable by vlmtrain's CLIP: "
                                   f"{'; '.join(problems)}")
     bias = model_cfg.get("init_logit_bias")
-    cfg = ModelConfig(
-        name=IMPORTED_MODEL_NAME,
+    cfg = CLIPConfig(
+        preset=IMPORTED_PRESET,
+        loss="clip" if bias is None else "siglip",
         embed_dim=model_cfg["embed_dim"],
         vision=VisionConfig(image_size=image_size, patch_size=patch_size, width=vision["width"],
                             layers=vision["layers"], heads=vision["width"] // vision["head_width"],
                             mlp_ratio=float(vision["mlp_ratio"])),
         text=TextConfig(**{k: text[k] for k in _TEXT_DIMS if k != "mlp_ratio"},
                         mlp_ratio=float(text["mlp_ratio"])),
-        init_logit_scale=float(model_cfg.get("init_logit_scale", ModelConfig.init_logit_scale)),
+        init_logit_scale=float(model_cfg.get("init_logit_scale", CLIPConfig.init_logit_scale)),
         init_logit_bias=None if bias is None else float(bias),
     )
-    cfg.name = _matching_preset(cfg)
+    cfg.preset = _matching_preset(cfg)
     return cfg
 
 
@@ -145,17 +149,17 @@ def _square(value: Any, key: str, problems: list[str]) -> int:
     return value
 
 
-def _matching_preset(cfg: ModelConfig) -> str:
-    """The preset with exactly these dimensions, so ``model.name`` stays meaningful; else a marker."""
+def _matching_preset(cfg: CLIPConfig) -> str:
+    """The preset with exactly these dimensions, so ``model.preset`` stays meaningful; else a marker."""
     dims = {k: v for k, v in dataclasses.asdict(cfg).items() if k in ("embed_dim", "vision", "text")}
     for name in PRESETS:
-        preset = dataclasses.asdict(from_dict(ModelConfig, preset_dict(name)))
+        preset = dataclasses.asdict(from_dict(CLIPConfig, PRESETS[name]))
         if all(preset[k] == v for k, v in dims.items()):
             return name
-    return IMPORTED_MODEL_NAME
+    return IMPORTED_PRESET
 
 
-def create_openclip_model(cfg: ModelConfig):
+def create_openclip_model(cfg: CLIPConfig):
     """An ``open_clip.model.CLIP`` of the same architecture (random weights; builds offline)."""
     import open_clip
 
@@ -165,9 +169,9 @@ def create_openclip_model(cfg: ModelConfig):
 # ---------------------------------------------------------------- state dicts
 
 
-def to_openclip_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+def to_openclip_state_dict(state: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor]:
     """Our model's state dict → one ``open_clip.model.CLIP`` loads with ``strict=True``."""
-    _check_keys_and_shapes(state, _expected_shapes(build_model, cfg), "vlmtrain CLIP")
+    _check_keys_and_shapes(state, _expected_shapes(CLIP, cfg), "vlmtrain CLIP")
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         qkv = _QKV_KEY.match(key)
@@ -185,7 +189,7 @@ def to_openclip_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
-def from_openclip_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+def from_openclip_state_dict(state: dict[str, Tensor], cfg: CLIPConfig) -> dict[str, Tensor]:
     """An ``open_clip.model.CLIP`` state dict → one our ``CLIP(cfg)`` loads with ``strict=True``."""
     expected = _expected_shapes(create_openclip_model, cfg)
     # open_clip models built with nonscalar_logit_scale store [1]; accept either.
@@ -228,7 +232,7 @@ def _our_name(theirs: str) -> str:
     return name
 
 
-def _expected_shapes(build, cfg: ModelConfig) -> dict[str, torch.Size]:
+def _expected_shapes(build, cfg: CLIPConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):  # shapes only: no memory, no init cost even for ViT-B
         model = build(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -258,7 +262,7 @@ def _few(items: list[str], limit: int = 8) -> str:
 # ---------------------------------------------------------------- files
 
 
-def load_openclip_checkpoint(path: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
+def load_openclip_checkpoint(path: str | Path, cfg: CLIPConfig) -> dict[str, Tensor]:
     """Read weights open_clip wrote and convert them to our state dict.
 
     Accepts ``torch.save(model.state_dict())``, an open_clip_train checkpoint (``{"state_dict": …}``
@@ -287,7 +291,7 @@ def load_openclip_checkpoint(path: str | Path, cfg: ModelConfig) -> dict[str, Te
         raise OpenClipCompatError(f"{path}: {err}") from None
 
 
-def write_openclip_dir(state: dict[str, Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
+def write_openclip_dir(state: dict[str, Tensor], cfg: CLIPConfig, out_dir: str | Path) -> Path:
     """Write a folder ``open_clip.create_model_and_transforms("local-dir:" + out_dir)`` loads."""
     from open_clip.transform import PreprocessCfg
     from safetensors.torch import save_file

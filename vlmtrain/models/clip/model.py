@@ -7,15 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmtrain.config import ModelConfig
-from vlmtrain.models.text import TextTower
-from vlmtrain.models.vision import VisionTower
+from vlmtrain.models.clip.config import CLIPConfig
+from vlmtrain.models.common.text import TextTower
+from vlmtrain.models.common.vision import VisionTower
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
 class CLIP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.visual = VisionTower(cfg.vision, cfg.embed_dim)
         self.text = TextTower(cfg.text, cfg.embed_dim)
@@ -34,14 +34,19 @@ class CLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalized image and text features, the exponentiated logit scale and the bias if any."""
-        out = {"image_features": self.encode_image(images, normalize=True),
-               "text_features": self.encode_text(tokens, normalize=True),
+        return self.head(self.encode_image(images), self.encode_text(tokens))
+
+    def head(self, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the loss takes: normalized features, the exponentiated logit scale, the bias if any."""
+        out = {"image_features": F.normalize(image_features, dim=-1),
+               "text_features": F.normalize(text_features, dim=-1),
                "logit_scale": self.logit_scale.exp()}
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         return out
 
-    def parameter_bounds(self) -> list[tuple[nn.Parameter, tuple[float, float]]]:
-        """Parameters the trainer clamps after every step: the temperature stays within [1, 100]."""
-        return [(self.logit_scale, (0.0, LOGIT_SCALE_MAX))]
+
+# The trainer clamps these after every step (the temperature stays within [1, 100]) and logs these
+# (the temperature as the loss sees it), found by name wherever the layout put them.
+PARAMETER_BOUNDS = {"logit_scale": (0.0, LOGIT_SCALE_MAX)}
+LOGGED_PARAMETERS = {"logit_scale": math.exp, "logit_bias": float}

@@ -1,0 +1,17 @@
+"""The full model's weights, whatever the layout trained it (ZeRO-3 partitions, tensor or pipeline shards)."""
+from __future__ import annotations
+
+import torch
+
+from vlmtrain.distributed.parallel_dims import ParallelDims
+
+
+def full_state_dict(engine, dims: ParallelDims) -> dict[str, torch.Tensor]:
+    """Collective: the full model's state dict (fp32, CPU) on every rank, in the family's own key names."""
+    import deepspeed
+
+    if dims.tp > 1 or dims.pp > 1:
+        raise NotImplementedError("gathering tensor/pipeline shards")
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
