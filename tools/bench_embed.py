@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -32,20 +30,16 @@ sys.path.insert(0, str(REPO))
 from data_pipeline.config import EmbedConfig, ModelSpec  # noqa: E402
 from data_pipeline.embedding import EmbedWorkers, embed_pool  # noqa: E402
 from data_pipeline.stages.embed import read_shard  # noqa: E402
-from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE  # noqa: E402
+from vlmtrain.checkpoint import write_export  # noqa: E402
 from vlmtrain.config import load_train_config  # noqa: E402
-from vlmtrain.configlib import to_dict  # noqa: E402
 from vlmtrain.eval.checkpoints import load_eval_model  # noqa: E402
-from vlmtrain.models.registry import build_model  # noqa: E402
+from vlmtrain.models.registry import spec_of  # noqa: E402
 
 
 def write_tiny_export(folder: Path) -> Path:
     cfg = load_train_config(REPO / "configs" / "train" / "demo.yaml").model
     torch.manual_seed(0)
-    model = build_model(cfg)
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
-    (folder / META_FILE).write_text(json.dumps({"format": "vlmtrain-clip", "model": to_dict(cfg)}))
+    write_export(spec_of(cfg).build(cfg).state_dict(), cfg, folder, {})
     return folder
 
 

@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from vlmtrain.config import ModelConfig, from_dict  # noqa: E402
 from vlmtrain.eval.zeroshot import embed_images  # noqa: E402
-from vlmtrain.models.registry import build_model, preset_dict  # noqa: E402
+from vlmtrain.models.registry import get_spec  # noqa: E402
 
 
 def bare_loop(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str) -> float:
@@ -49,8 +48,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    cfg = from_dict(ModelConfig, preset_dict(args.model))
-    model = build_model(cfg).to(args.device).eval()
+    spec = get_spec("clip")
+    cfg = spec.resolve({"preset": args.model})
+    model = spec.build(cfg).to(args.device).eval()
     size = cfg.vision.image_size
     batches = [(torch.randn(args.batch_size, 3, size, size), torch.arange(args.batch_size))
                for _ in range(args.batches)]

@@ -201,7 +201,7 @@ def openclip_train_command(cfg, args: argparse.Namespace, work: Path, warmup: in
     """open_clip_train on the same architecture: its config goes in a local-dir model folder."""
     from open_clip.transform import PreprocessCfg
 
-    from vlmtrain.models.openclip_compat import OPENCLIP_CONFIG_FILE, openclip_model_config
+    from vlmtrain.models.clip.openclip import OPENCLIP_CONFIG_FILE, openclip_model_config
 
     model_dir = work / "open_clip_model"
     model_dir.mkdir(exist_ok=True)
@@ -261,27 +261,27 @@ def zero_memory_worker(stage: int, model_name: str, out_pattern: Path) -> None:
     import torch
 
     from vlmtrain.config import load_train_config
-    from vlmtrain.losses import build_loss
-    from vlmtrain.models.registry import build_model
+    from vlmtrain.distributed.deepspeed_config import build_deepspeed_config
+    from vlmtrain.models.registry import spec_of
     from vlmtrain.optim import build_optimizer
-    from vlmtrain.parallel import build_deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    cfg = load_train_config(None, [f"model.name={model_name}", f"zero_stage={stage}", "data.train_shards=unused",
+    cfg = load_train_config(None, [f"model.preset={model_name}", f"zero_stage={stage}", "data.train_shards=unused",
                                    "data.batch_size=1", "steps=2", "optim.warmup_steps=0", "output_dir=unused"])
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    spec = spec_of(cfg.model)
+    model = spec.build(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
-                                      config=build_deepspeed_config(cfg))
-    loss_fn = build_loss(cfg.loss)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, spec.no_weight_decay),
+                                      config=build_deepspeed_config(cfg, cfg.parallel_dims(1), spec.tp_plan))
+    loss_fn = spec.build_loss(cfg.model, None)
     images = torch.randn(1, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)
     tokens = torch.randint(1, 49407, (1, cfg.model.text.context_length))
     counts = {}
     for step in range(2):
         out = engine(images, tokens)
-        engine.backward(loss_fn(**{name: value.float() for name, value in out.items()}))
+        engine.backward(loss_fn(out)["loss"])
         if step == 1:  # optimizer state exists since step 0; gradients are held until this step
             counts = count_model_state_bytes(engine)
         engine.step()

@@ -25,12 +25,9 @@ import os
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE, load_exported
+from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE, load_exported, write_export
 from vlmtrain.cli import user_errors
-from vlmtrain.config import ModelConfig, to_dict
-from vlmtrain.models.openclip_compat import (OPENCLIP_CONFIG_FILE, OPENCLIP_WEIGHTS_FILE, OpenClipCompatError,
+from vlmtrain.models.clip.openclip import (OPENCLIP_CONFIG_FILE, OPENCLIP_WEIGHTS_FILE, OpenClipCompatError,
                                              load_openclip_checkpoint, model_config_from_openclip,
                                              write_openclip_dir)
 
@@ -79,8 +76,8 @@ def run_import(args: argparse.Namespace) -> None:
     refuse_overwrite(args.out, (WEIGHTS_FILE, META_FILE), args.force)
     model_cfg = model_config_from_openclip(read_openclip_model_config(args))
     state = load_openclip_checkpoint(args.checkpoint, model_cfg)
-    write_vlmtrain_export(state, model_cfg, args.out, source=str(args.checkpoint))
-    print(f"wrote {args.out / WEIGHTS_FILE} and {args.out / META_FILE} (model {model_cfg.name})")
+    write_export(state, model_cfg, args.out, {"imported_from": str(args.checkpoint)})
+    print(f"wrote {args.out / WEIGHTS_FILE} and {args.out / META_FILE} (model {model_cfg.preset})")
 
 
 def read_openclip_model_config(args: argparse.Namespace) -> dict:
@@ -100,14 +97,6 @@ def read_openclip_model_config(args: argparse.Namespace) -> dict:
     if not isinstance(raw, dict):
         raise OpenClipCompatError(f"{args.model_config} must hold a JSON object")
     return raw.get("model_cfg", raw)
-
-
-def write_vlmtrain_export(state: dict, model_cfg: ModelConfig, out: Path, source: str) -> None:
-    """The layout ``vlmtrain.checkpoint.export_model`` writes, from a state dict instead of an engine."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in state.items()}, str(out / WEIGHTS_FILE))
-    meta = {"format": "vlmtrain-clip", "model": to_dict(model_cfg), "imported_from": source}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def refuse_overwrite(out: Path, names: tuple[str, ...], force: bool) -> None:

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from webdataset import TarWriter
 
 from data_pipeline.bootstrap import write_pruned_shards
@@ -22,14 +21,11 @@ from data_pipeline.config import EmbedConfig, ModelSpec
 from data_pipeline.embedding import EmbedWorkers, embed_pool
 from data_pipeline.stages.embed import EmbedError, read_shard, shard_outputs
 from tests.conftest import REPO
-from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE
-from vlmtrain.config import ModelConfig, TextConfig, VisionConfig, to_dict
-from vlmtrain.models.openclip_compat import openclip_model_config, write_openclip_dir
-from vlmtrain.models.registry import build_model
+from tests.helpers import TINY_CLIP as TINY, build_clip as build_model
+from vlmtrain.checkpoint import write_export
+from vlmtrain.models.clip.openclip import openclip_model_config, write_openclip_dir
 
 os.environ.setdefault("RAY_TMPDIR", str(REPO / "build" / "ray"))
-TINY = ModelConfig(name="tiny", embed_dim=32, vision=VisionConfig(image_size=32, patch_size=8, width=32, heads=2),
-                   text=TextConfig(context_length=16, width=32, heads=2))
 QUIET = EmbedConfig(progress=False, batch_size=64)
 
 
@@ -40,9 +36,7 @@ def tiny_model(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
     model = build_model(TINY).eval()
     root = tmp_path_factory.mktemp("tiny_model")
     export = root / "final"
-    export.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export / WEIGHTS_FILE))
-    (export / META_FILE).write_text(json.dumps({"format": "vlmtrain-clip", "model": to_dict(TINY)}))
+    write_export(model.state_dict(), TINY, export, {})
     return model, export, write_openclip_dir(model.state_dict(), TINY, root / "open_clip")
 
 

@@ -13,7 +13,7 @@ def train(corpus, out_dir, *overrides):
     result = run_tool("vlm-train", "--config", "configs/train/demo.yaml", "--nproc-per-node", "2",
                       f"data.train_shards={corpus / 'train'}", f"output_dir={out_dir}", f"steps={STEPS}",
                       "log_every=1", "data.batch_size=16", "data.shuffle_buffer=64", "optim.warmup_steps=5",
-                      "zero_stage=1", "loss=siglip", "metrics.tensorboard=false", "progress=false", *overrides)
+                      "zero_stage=1", "model.loss=siglip", "metrics.tensorboard=false", "progress=false", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -60,3 +60,16 @@ def test_eval_with_a_directory_that_holds_no_checkpoint(tmp_path, small_corpus):
 def test_eval_with_a_missing_data_directory(tmp_path):
     result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "nope"))
     assert_one_clear_error(result, "vlm-eval")
+
+
+@pytest.mark.parametrize("ranks, overrides, fragments", [
+    (3, ["parallel.tp=2"], ["3 rank(s) cannot be split", "parallel.tp=2"]),
+    (2, ["parallel.tp=2", "model.text.heads=1", "model.vision.heads=1"], ["parallel.tp=2 does not divide", "heads=1"]),
+    (2, ["parallel.pp=2", "zero_stage=2"], ["parallel.pp=2 needs zero_stage <= 1"]),
+    (5, ["parallel.pp=5", "zero_stage=1"], ["parallel.pp=5 stages outnumber the model's 4 transformer layers"]),
+], ids=["world_not_divisible", "heads_not_divisible", "pipeline_with_zero_2", "more_stages_than_layers"])
+def test_an_impossible_layout_fails_before_launching_ranks(tmp_path, small_corpus, ranks, overrides, fragments):
+    result = run_tool("vlm-train", "--config", "configs/train/demo.yaml", "--nproc-per-node", str(ranks),
+                      f"data.train_shards={small_corpus / 'train'}", f"output_dir={tmp_path / 'run'}", *overrides)
+    assert_one_clear_error(result, "vlm-train", *fragments)
+    assert not (tmp_path / "run").exists()

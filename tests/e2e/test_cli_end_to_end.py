@@ -44,7 +44,7 @@ def test_training_can_start_from_a_checkpoint_open_clip_saved(small_corpus, tmp_
     from safetensors.torch import load_file
 
     from vlmtrain.config import load_train_config
-    from vlmtrain.models.openclip_compat import create_openclip_model, from_openclip_state_dict
+    from vlmtrain.models.clip.openclip import create_openclip_model, from_openclip_state_dict
 
     model_cfg = load_train_config("configs/train/demo.yaml", ["data.train_shards=x"]).model
     torch.manual_seed(5)

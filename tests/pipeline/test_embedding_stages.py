@@ -8,7 +8,6 @@ computed here by brute force (numpy) from the embeddings the embed step stored.
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pandas as pd
 import pytest
 import torch
 import webdataset as wds
-from safetensors.torch import save_file
 from PIL import Image
 
 from data_pipeline.cli import format_funnel
@@ -26,11 +24,9 @@ from data_pipeline.config import load_curate_config
 from data_pipeline.pipeline import run
 from data_pipeline.report import histogram_columns, write_report
 from data_pipeline.stages.embed import EmbedError
-from tests.bootstrap.test_embed import TINY
 from tests.pipeline.conftest import CAPTIONS, encode, noise_image, write_tar
-from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE
-from vlmtrain.config import to_dict
-from vlmtrain.models.registry import build_model
+from tests.helpers import TINY_CLIP as TINY, build_clip as build_model
+from vlmtrain.checkpoint import write_export
 
 pytestmark = pytest.mark.e2e
 ORIGINALS, EVAL_IMAGES, PLANTED_EVAL = 40, 10, (1, 4, 7)
@@ -53,9 +49,7 @@ def tiny_clip(tmp_path_factory) -> Path:
         if name.startswith("visual.") and ("q_proj" in name or "class_embedding" in name or "positional" in name):
             tensor.zero_()
     export = tmp_path_factory.mktemp("tiny_clip") / "final"
-    export.mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(export / WEIGHTS_FILE))
-    (export / META_FILE).write_text(json.dumps({"format": "vlmtrain-clip", "model": to_dict(TINY)}))
+    write_export(state, TINY, export, {})
     return export
 
 

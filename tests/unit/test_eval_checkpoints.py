@@ -10,24 +10,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE, CheckpointError
-from vlmtrain.config import ModelConfig, TextConfig, VisionConfig, to_dict
+from tests.helpers import TINY_CLIP as TINY, build_clip as build_model
+from vlmtrain.checkpoint import META_FILE, WEIGHTS_FILE, write_export as write_export_files
+from vlmtrain.configlib import to_dict
+from vlmtrain.errors import CheckpointError
 from vlmtrain.eval.checkpoints import load_eval_model
 from vlmtrain.eval.datasets import open_eval_set
 from vlmtrain.eval.suite import evaluate_dataset
-from vlmtrain.models.registry import build_model
 
 from .test_eval_layouts import write_classification_sets
 
-TINY = ModelConfig(name="tiny", embed_dim=32, vision=VisionConfig(image_size=32, patch_size=8, width=32, heads=2),
-                   text=TextConfig(context_length=16, width=32, heads=2))
 
 
-def write_export(model: torch.nn.Module, cfg: ModelConfig, out_dir: Path) -> Path:
-    """The layout ``vlmtrain.checkpoint.export_model`` writes (weights + vlmtrain.json)."""
-    out_dir.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
-    (out_dir / META_FILE).write_text(json.dumps({"format": "vlmtrain-clip", "model": to_dict(cfg)}))
+def write_export(model: torch.nn.Module, cfg, out_dir: Path) -> Path:
+    write_export_files(model.state_dict(), cfg, out_dir, {})
     return out_dir
 
 
@@ -52,6 +48,20 @@ def test_export_loads_with_our_tokenizer_and_transform(tmp_path, ours):
     assert loaded.transform.transforms[0].size == 32
 
 
+def test_an_export_written_before_model_families_still_loads(tmp_path, ours):
+    """Such exports said ``vlmtrain-clip`` and named the preset ``name``; SigLIP was the bias."""
+    old = tmp_path / "final"
+    old.mkdir()
+    save_file(ours.state_dict(), str(old / WEIGHTS_FILE))
+    model = {key: value for key, value in to_dict(TINY).items() if key not in ("family", "preset", "loss")}
+    (old / META_FILE).write_text(json.dumps({"format": "vlmtrain-clip", "model": {"name": "tiny", **model}}))
+
+    loaded = load_eval_model(old)
+    assert (loaded.model.logit_bias, loaded.source) == (None, "export")
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0)
+
+
 def test_run_directory_loads_its_export(tmp_path, ours):
     write_export(ours, TINY, tmp_path / "final")
 
@@ -59,7 +69,7 @@ def test_run_directory_loads_its_export(tmp_path, ours):
 
 
 def test_our_export_loaded_as_open_clip_local_dir_gives_the_same_metrics(tmp_path, ours, classification_set):
-    from vlmtrain.models.openclip_compat import write_openclip_dir
+    from vlmtrain.models.clip.openclip import write_openclip_dir
 
     export = write_export(ours, TINY, tmp_path / "final")
     folder = write_openclip_dir(ours.state_dict(), TINY, tmp_path / "open_clip")
@@ -75,7 +85,7 @@ def test_our_export_loaded_as_open_clip_local_dir_gives_the_same_metrics(tmp_pat
 
 
 def test_open_clip_model_name_with_local_weights_file(tmp_path, ours):
-    from vlmtrain.models.openclip_compat import openclip_model_config, to_openclip_state_dict
+    from vlmtrain.models.clip.openclip import openclip_model_config, to_openclip_state_dict
 
     name = "vlmtrain-test-tiny"
     config_dir = tmp_path / "configs"

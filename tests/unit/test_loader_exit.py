@@ -13,12 +13,12 @@ from tests.unit.test_train_data import write_shards
 
 RANK = textwrap.dedent("""
     import sys, time
-    from vlmtrain.config import DataConfig, TextConfig, VisionConfig
+    from tests.helpers import loader_inputs
+    from vlmtrain.config import DataConfig
     from vlmtrain.data import build_train_loader
 
     cfg = DataConfig(train_shards=sys.argv[1], batch_size=4, workers=2, shuffle_buffer=8)
-    batches = build_train_loader(cfg, VisionConfig(image_size=16, patch_size=8), TextConfig(context_length=8),
-                                 dp_rank=0, dp_size=1, seed=0)
+    batches = build_train_loader(cfg, *loader_inputs(), dp_rank=0, dp_size=1, seed=0)
     next(batches)
     print("loading", flush=True)
     if sys.argv[2] == "crash":
@@ -59,14 +59,14 @@ def test_a_rank_that_fails_with_live_loader_workers_exits_instead_of_hanging(tmp
 
 
 def test_closing_the_loader_stops_its_workers(tmp_path):
-    from vlmtrain.config import DataConfig, TextConfig, VisionConfig
+    from tests.helpers import loader_inputs
+    from vlmtrain.config import DataConfig
     from vlmtrain.data import build_train_loader
 
     cfg = DataConfig(train_shards=str(write_shards(tmp_path / "a", "a", shards=2, per_shard=16)), batch_size=4,
                      workers=2, shuffle_buffer=8)
     before = set(psutil.Process().children())
-    batches = build_train_loader(cfg, VisionConfig(image_size=16, patch_size=8), TextConfig(context_length=8),
-                                 dp_rank=0, dp_size=1, seed=0)
+    batches = build_train_loader(cfg, *loader_inputs(), dp_rank=0, dp_size=1, seed=0)
     next(batches)
     workers = list(set(psutil.Process().children()) - before)
     assert len(workers) == 2

@@ -3,7 +3,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from vlmtrain.losses import ClipLoss, SigLipLoss
+from vlmtrain.models.clip.loss import ClipLoss, SigLipLoss
 
 
 def features(n=12, d=16, seed=0):

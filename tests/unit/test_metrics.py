@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from vlmtrain.config import ModelConfig, TextConfig, VisionConfig
+from tests.helpers import CLIP_SPEC, clip_config
 from vlmtrain.metrics import StepLog, count_flops_per_sample, plot_training_curves
 
 
@@ -15,14 +15,14 @@ def forward_flops(width: int, layers: int, tokens: int, mlp_ratio: float) -> int
 
 
 def test_counted_flops_are_three_forward_passes_of_both_towers():
-    cfg = ModelConfig(embed_dim=32, vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2),
-                      text=TextConfig(context_length=16, width=48, layers=3, heads=3))
+    cfg = clip_config(embed_dim=32, vision={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
+                      text={"context_length": 16, "width": 48, "layers": 3, "heads": 3})
     patches = (32 // 8) ** 2
     vision = (forward_flops(64, 2, patches + 1, 4.0) + 2 * patches * (3 * 8 * 8) * 64  # patch embedding
               + 2 * 64 * 32)  # projection of the class token
     text = forward_flops(48, 3, 16, 4.0) + 2 * 48 * 32
     # Backward costs two forwards (gradients of activations and of weights).
-    assert count_flops_per_sample(cfg) == pytest.approx(3 * (vision + text), rel=0.02)
+    assert count_flops_per_sample(CLIP_SPEC, cfg) == pytest.approx(3 * (vision + text), rel=0.02)
 
 
 def test_a_resumed_log_drops_the_records_written_after_the_checkpoint(tmp_path):

@@ -5,23 +5,22 @@ import math
 import pytest
 import torch
 
-from vlmtrain.config import ModelConfig
-from vlmtrain.data import make_tokenizer
-from vlmtrain.models.clip import LOGIT_SCALE_MAX
-from vlmtrain.models.registry import PRESETS, build_model
-from vlmtrain.config import from_dict
+from tests.helpers import CLIP_SPEC, build_clip as build_model, clip_config
+from vlmtrain.models.clip.model import LOGIT_SCALE_MAX
 
 
-def tiny_config(**vision) -> ModelConfig:
-    raw = {**PRESETS["tiny"]}
-    raw["vision"] = {**raw["vision"], **vision}
-    return from_dict(ModelConfig, raw)
+def tiny_config(**vision):
+    return clip_config(vision=vision)
+
+
+def make_tokenizer(cfg):
+    return CLIP_SPEC.tokenizer(cfg)
 
 
 def test_forward_returns_normalized_features_and_scale():
     cfg = tiny_config()
     model = build_model(cfg)
-    tokens = make_tokenizer(cfg.text)(["a red circle", "a blue star on the left", "seven"])
+    tokens = make_tokenizer(cfg)(["a red circle", "a blue star on the left", "seven"])
     images = torch.randn(3, 3, 32, 32)
     out = model(images, tokens)
     image_features, text_features, scale = out["image_features"], out["text_features"], out["logit_scale"]
@@ -34,7 +33,7 @@ def test_forward_returns_normalized_features_and_scale():
 
 def test_siglip_models_carry_a_learnable_bias():
     cfg = dataclasses.replace(tiny_config(), init_logit_scale=math.log(10), init_logit_bias=-10.0)
-    out = build_model(cfg)(torch.randn(2, 3, 32, 32), make_tokenizer(cfg.text)(["a", "b"]))
+    out = build_model(cfg)(torch.randn(2, 3, 32, 32), make_tokenizer(cfg)(["a", "b"]))
     assert out["logit_bias"].shape == (1,) and out["logit_bias"].item() == -10.0
     assert math.isclose(out["logit_scale"].item(), 10.0, rel_tol=1e-5)
 
@@ -44,15 +43,13 @@ def test_logit_scale_is_one_dimensional_for_deepspeed():
 
 
 def test_the_trainer_bounds_only_the_logit_scale_to_zero_and_ln_100():
-    model = build_model(tiny_config())
-    [(param, bounds)] = model.parameter_bounds()
-    assert param is model.logit_scale and bounds == (0.0, pytest.approx(LOGIT_SCALE_MAX))
+    assert CLIP_SPEC.parameter_bounds == {"logit_scale": (0.0, pytest.approx(LOGIT_SCALE_MAX))}
 
 
 def test_text_features_ignore_tokens_after_the_end_of_caption():
     cfg = tiny_config()
     model = build_model(cfg).eval()
-    tokens = make_tokenizer(cfg.text)(["a green square"])
+    tokens = make_tokenizer(cfg)(["a green square"])
     eot = int(tokens.argmax())
     padded_differently = tokens.clone()
     padded_differently[0, eot + 1:] = 7  # junk after EOT must not leak back through causal attention
@@ -68,6 +65,13 @@ def test_vision_tower_accepts_configured_resolution(image_size, patch):
 
 def test_vit_b_16_preset_has_the_expected_size():
     with torch.device("meta"):
-        model = build_model(from_dict(ModelConfig, PRESETS["vit_b_16"]))
+        model = build_model(clip_config("vit_b_16"))
     params = sum(p.numel() for p in model.parameters())
     assert 145e6 < params < 155e6  # open_clip's ViT-B-16 has 149.6M parameters
+
+
+def test_vit_l_14_preset_has_the_expected_size():
+    with torch.device("meta"):
+        model = build_model(clip_config("vit_l_14"))
+    params = sum(p.numel() for p in model.parameters())
+    assert 425e6 < params < 430e6  # open_clip's ViT-L-14 has 427.6M parameters

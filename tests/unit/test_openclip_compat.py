@@ -5,7 +5,6 @@ q/k/v all different), so a swapped, untransposed or misnamed tensor changes the 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -18,12 +17,10 @@ from safetensors.torch import save_file
 
 from tests.conftest import run_tool
 from vlmtrain.checkpoint import load_exported
-from vlmtrain.config import ModelConfig, from_dict
-from vlmtrain.data import make_image_transform
-from vlmtrain.models.openclip_compat import (OpenClipCompatError, create_openclip_model, from_openclip_state_dict,
+from tests.helpers import CLIP_SPEC, build_clip as build_model, clip_config
+from vlmtrain.models.clip.openclip import (OpenClipCompatError, create_openclip_model, from_openclip_state_dict,
                                              load_openclip_checkpoint, model_config_from_openclip,
                                              openclip_model_config, to_openclip_state_dict, write_openclip_dir)
-from vlmtrain.models.registry import build_model, preset_dict
 
 CAPTIONS = ["a photo of a cat", "a small red circle on the left", "two dogs playing in the snow", "7"]
 TOLERANCE = 1e-5
@@ -37,11 +34,8 @@ OPENCLIP_TINY = {
 }
 
 
-def tiny_config(siglip: bool = False) -> ModelConfig:
-    cfg = from_dict(ModelConfig, preset_dict("tiny"))
-    if siglip:
-        cfg = dataclasses.replace(cfg, init_logit_scale=math.log(10), init_logit_bias=-10.0)
-    return cfg
+def tiny_config(siglip: bool = False):
+    return clip_config(loss="siglip" if siglip else "clip")
 
 
 @torch.no_grad()
@@ -59,7 +53,7 @@ def inputs(image_size: int, context_length: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def assert_same_embeddings(ours: torch.nn.Module, theirs: torch.nn.Module, cfg: ModelConfig) -> None:
+def assert_same_embeddings(ours: torch.nn.Module, theirs: torch.nn.Module, cfg) -> None:
     images, tokens = inputs(cfg.vision.image_size, cfg.text.context_length)
     for encode in ("encode_image", "encode_text"):
         data = images if encode == "encode_image" else tokens
@@ -111,7 +105,7 @@ def test_exported_folder_loads_through_open_clip_create_model_and_transforms(sig
     assert logit_params(theirs) == pytest.approx(logit_params(ours))
     # open_clip's eval transform for this folder is the one our eval uses.
     image = Image.new("RGB", (50, 40), (200, 40, 90))
-    torch.testing.assert_close(preprocess(image), make_image_transform(cfg.vision, train=False)(image))
+    torch.testing.assert_close(preprocess(image), CLIP_SPEC.image_transform(cfg, False)(image))
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")
     assert torch.equal(tokenizer(CAPTIONS), inputs(32, cfg.text.context_length)[1])
 
@@ -173,7 +167,7 @@ def test_round_trip_returns_the_identical_state_dict():
 @pytest.mark.parametrize("openclip_name, preset", [("ViT-B-32", "vit_b_32"), ("ViT-B-16", "vit_b_16")])
 def test_open_clip_vit_b_configs_map_to_our_presets(openclip_name, preset):
     cfg = model_config_from_openclip(open_clip.get_model_config(openclip_name))
-    assert cfg == from_dict(ModelConfig, preset_dict(preset))
+    assert cfg == clip_config(preset)
 
 
 def test_model_config_survives_a_trip_through_open_clip():

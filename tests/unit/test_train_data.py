@@ -8,10 +8,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vlmtrain.config import DataConfig, SourceConfig, TextConfig, VisionConfig
-from vlmtrain.data import DataError, build_train_loader, data_fingerprint, resolve_sources
+from tests.helpers import loader_inputs
+from vlmtrain.config import DataConfig, SourceConfig
+from vlmtrain.data import build_train_loader, data_fingerprint, resolve_sources
+from vlmtrain.errors import DataError
 
-VISION, TEXT = VisionConfig(image_size=16, patch_size=8), TextConfig(context_length=8)
+TRANSFORM, TOKENIZER = loader_inputs(image_size=16, context_length=8)
 
 
 def png(seed: int) -> bytes:
@@ -38,7 +40,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def loader(cfg: DataConfig, rank: int = 0, world: int = 2, cursor: dict | None = None):
-    return build_train_loader(cfg, VISION, TEXT, dp_rank=rank, dp_size=world, seed=7, cursor=cursor)
+    return build_train_loader(cfg, TRANSFORM, TOKENIZER, dp_rank=rank, dp_size=world, seed=7, cursor=cursor)
 
 
 def take_keys(batches, count: int) -> list[list[str]]:
