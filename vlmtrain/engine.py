@@ -124,6 +124,7 @@ def train(cfg: TrainConfig) -> dict:
             if env.is_main:
                 print(f"vlm-train: stop requested: saved step {step}; continue with resume=latest", flush=True)
             break
+    stop.close()
     bar.close()
     metrics.close()
     if key_log:
@@ -246,14 +247,16 @@ class ThroughputMeter:
 
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 (SLURM's warning before preemption) ask for a save at the next step end.
+    """SIGTERM/SIGUSR1 (SLURM's warning before preemption) ask for a save at a step end.
 
     Ranks can receive the signal at different steps, so every rank votes each step and all stop
-    together, after the same step.
+    together, after the same step. The vote is an asynchronous all-reduce read one step later, so
+    no step waits for it: a signal stops the run at the end of the step after the one it arrived in.
     """
 
     def __init__(self) -> None:
         self._requested = False
+        self._vote: tuple[torch.Tensor, object] | None = None
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._request)
 
@@ -261,7 +264,22 @@ class StopRequest:
         self._requested = True
 
     def agreed(self) -> bool:
-        return sum_over(torch.tensor([float(self._requested)])).item() > 0
+        """Collective (every rank, every step): whether a rank asked to stop by the previous step."""
+        stop = self.close()
+        votes = torch.tensor([float(self._requested)])
+        work = dist.all_reduce(votes, async_op=True) if dist.is_initialized() else None
+        self._vote = (votes, work)
+        return stop
+
+    def close(self) -> bool:
+        """Wait for the vote in flight (before the process group goes away); its outcome."""
+        if self._vote is None:
+            return False
+        votes, work = self._vote
+        if work is not None:
+            work.wait()
+        self._vote = None
+        return votes.item() > 0
 
 
 def evaluate_in_training(engine, cfg: TrainConfig, spec: ModelSpec, dims: ParallelDims) -> dict[str, float]:
@@ -293,9 +311,11 @@ def _named(module: torch.nn.Module, names) -> list[tuple[str, torch.nn.Parameter
 class ParameterBounds:
     """Clamp the parameters the family bounds (CLIP's temperature) after each optimizer step.
 
-    The clamp must reach the optimizer's fp32 master copy, or the next step would undo it. ZeRO-3
-    keeps a partition of each parameter per rank, and a clamp is elementwise, so each rank clamps
-    its own partition (DeepSpeed's full-parameter setter fails on parameters smaller than the world).
+    The clamp must reach the optimizer's fp32 master copy, or the next step would undo it. A clamp is
+    elementwise, so each rank clamps the copies it holds, with no collective: its master partition
+    (ZeRO 1/2: a fragment of the flat fp32 partition, maybe empty; ZeRO-3: its partition) and the
+    working parameter (replicated below ZeRO-3; at ZeRO-3 its partition, and the full tensor when a
+    small parameter stays gathered, "persistent").
     """
 
     def __init__(self, module: torch.nn.Module, spec: ModelSpec):
@@ -303,19 +323,15 @@ class ParameterBounds:
 
     @torch.no_grad()
     def apply(self) -> None:
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,
-                                     safe_set_full_fp32_param, safe_set_local_fp32_param)
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
         for param, (low, high) in self.bounded:
-            if hasattr(param, "ds_id"):  # ZeRO-3: the fp32 partition and this rank's working partition
+            if hasattr(param, "ds_id"):
+                # DeepSpeed's full-parameter setter fails on parameters smaller than the world.
                 safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(low, high))
                 param.ds_tensor.clamp_(low, high)
-            else:
-                master = safe_get_full_fp32_param(param)
-                if master is not None:
-                    safe_set_full_fp32_param(param, master.clamp(low, high))
-            # The full parameter: replicated below ZeRO-3; at ZeRO-3 a small one stays gathered
-            # ("persistent") and the rest are empty outside forward, where this is a no-op.
+            elif getattr(param, "_hp_mapping", None) is not None:
+                param._hp_mapping.get_hp_fragment().clamp_(low, high)
             param.clamp_(low, high)
 
 

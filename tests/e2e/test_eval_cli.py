@@ -8,20 +8,20 @@ import torch
 import yaml
 
 from tests.conftest import run_tool
-from tests.unit.test_eval_checkpoints import write_export
-from vlmtrain.config import ModelConfig, TextConfig, VisionConfig
-from vlmtrain.models.registry import build_model
+from tests.helpers import build_clip as build_model, clip_config
+from vlmtrain.checkpoint import write_export
 
 pytestmark = pytest.mark.e2e
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CFG = ModelConfig(name="tiny", embed_dim=32, vision=VisionConfig(image_size=32, patch_size=8, width=32, heads=2),
-                  text=TextConfig(context_length=24, width=32, heads=2))
+CFG = clip_config(embed_dim=32, vision={"width": 32}, text={"context_length": 24, "width": 32})
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     torch.manual_seed(0)
-    return write_export(build_model(CFG), CFG, tmp_path_factory.mktemp("run") / "final")
+    out = tmp_path_factory.mktemp("run") / "final"
+    write_export(build_model(CFG).state_dict(), CFG, out, {})
+    return out
 
 
 def test_zeroshot_writes_json_table_and_confusion_pngs(small_corpus, export, tmp_path):

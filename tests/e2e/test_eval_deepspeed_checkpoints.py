@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from vlmtrain.config import to_dict
+from vlmtrain.configlib import to_dict
 from vlmtrain.distributed.env import free_port
 from vlmtrain.eval.checkpoints import load_eval_model
 
-from tests.unit.test_eval_checkpoints import TINY
+from tests.helpers import TINY_CLIP as TINY
 
 pytestmark = pytest.mark.e2e
 STAGES = (0, 2, 3)
@@ -24,7 +24,7 @@ def save_checkpoints(rank: int, port: int, out_dir: str) -> None:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from vlmtrain.models.registry import build_model
+    from tests.helpers import build_clip as build_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     for stage in STAGES:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmtrain.config import ConfigError
+from vlmtrain.errors import ConfigError
 from vlmtrain.eval.suite import format_table, load_suite_config, metrics_for_logging, write_results
 
 

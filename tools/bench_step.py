@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""The trainer's fixed cost per optimizer step: what a step costs beyond the model's own work.
+
+Each rank builds the model, optimizer and DeepSpeed engine exactly as ``vlm-train`` does (the same
+spec, optimizer and DeepSpeed-config builders), then runs the training loop's per-step work — the
+engine's ``train_step`` on an in-memory batch (no data loading in the timing), the parameter
+clamp, the throughput meter, the pre-emption vote, and every ``--log-every`` steps the exact
+logged metrics — at several batch sizes. Step time is fitted as ``intercept + slope × batch``; the
+intercept is the per-step cost that no batch amortizes. From it we subtract the optimizer's own
+update (a fused AdamW step on the same parameters, timed alone), which a step cannot avoid; what is
+left is the trainer's fixed cost. Rounds alternate over the batch sizes and the median per batch
+size is used.
+
+Example:
+  python tools/bench_step.py                      # 2 gloo ranks, ZeRO 2 (the demo's layout)
+  python tools/bench_step.py --nproc 1 --zero-stage 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/train/demo.yaml", help="vlm-train config giving the model")
+    parser.add_argument("--nproc", type=int, default=2, help="gloo ranks (default 2)")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    parser.add_argument("--batch-sizes", default="8,16,32,64", help="micro-batch sizes per rank")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per batch size and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the batch sizes")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between exact metric syncs, as in training")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                      TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions")))
+    import torch.multiprocessing as mp
+
+    from vlmtrain.distributed.env import free_port
+
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(rank_worker, args=(args, free_port(), out), nprocs=args.nproc, join=True)
+        result = json.loads((Path(out) / "rank0.json").read_text())
+    report(result, args)
+    print(f"load average {os.getloadavg()[0]:.2f} at end")
+
+
+def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(args.nproc))
+    import deepspeed
+    import torch
+
+    from vlmtrain import engine as trainer
+    from vlmtrain.config import load_train_config
+    from vlmtrain.data import Batch
+    from vlmtrain.distributed.deepspeed_config import build_deepspeed_config
+    from vlmtrain.distributed.parallel_dims import build_process_groups
+    from vlmtrain.metrics import count_flops_per_sample
+    from vlmtrain.models.registry import spec_of
+    from vlmtrain.optim import build_optimizer, build_scheduler
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    cfg = load_train_config(args.config, ["data.train_shards=unused", f"zero_stage={args.zero_stage}",
+                                          f"data.batch_size={batch_sizes[0]}", "optim.warmup_steps=1"])
+    dims = cfg.parallel_dims(args.nproc)
+    groups = build_process_groups(dims, rank)
+    spec = spec_of(cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = spec.build(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      lr_scheduler=build_scheduler(optimizer, cfg.optim, 10**6),
+                                      config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+    loss_fn = spec.build_loss(cfg.model, groups.dp)
+    bounds = trainer.ParameterBounds(engine.module, spec)
+    stop = trainer.StopRequest()
+    meter = trainer.ThroughputMeter(count_flops_per_sample(spec, cfg.model), None, dims.dp)
+
+    def batches(size: int):
+        inputs = spec.example_inputs(cfg.model, size)
+        images = torch.randn_like(inputs["images"])
+        tokens = torch.randint(1, 49000, inputs["tokens"].shape)
+        tokens[:, -1] = 49407  # an end-of-text token for the pooling
+        batch = Batch(images, tokens, [f"k{i}" for i in range(size)], 0)
+        while True:
+            yield batch
+
+    def timed_steps(size: int, steps: int) -> list[float]:
+        source, times = batches(size), []
+        for step in range(1, steps + 1):
+            started = time.perf_counter()
+            result = trainer.train_step(engine, source, loss_fn, torch.float32, cfg.optim.grad_accum_steps)
+            bounds.apply()
+            meter.add(result, first=False)
+            if step % args.log_every == 0:  # the exact metrics of a log step, amortized as in training
+                trainer.mean_losses(result.losses, groups)
+                trainer.logged_parameters(engine.module, spec)
+                meter.report()
+            stop.agreed()
+            times.append(time.perf_counter() - started)
+        return times
+
+    def optimizer_alone(steps: int) -> list[float]:
+        """A fused AdamW step over the same parameters (fresh state), the update every step pays."""
+        params = [torch.nn.Parameter(p.detach().clone()) for p in spec.build(cfg.model).parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        alone = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            alone.step()
+            times.append(time.perf_counter() - started)
+        return times[2:]
+
+    for size in batch_sizes:  # warm-up: allocator, lazy init, first collectives
+        timed_steps(size, 3)
+    medians: dict[int, list[float]] = {size: [] for size in batch_sizes}
+    for _ in range(args.rounds):
+        for size in batch_sizes:
+            medians[size].append(statistics.median(timed_steps(size, args.steps)))
+    update = statistics.median(optimizer_alone(args.steps))
+    if rank == 0:
+        (Path(out) / "rank0.json").write_text(json.dumps({
+            "step_s": {size: statistics.median(values) for size, values in medians.items()},
+            "rounds": {size: values for size, values in medians.items()}, "optimizer_s": update,
+            "layout": dims.describe(), "zero_stage": args.zero_stage}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    import numpy as np
+
+    sizes = sorted(int(size) for size in result["step_s"])
+    times = [result["step_s"][str(size)] for size in sizes]
+    slope, intercept = np.polyfit(sizes, times, 1)
+    print(f"{args.nproc} rank(s), {result['layout']}, ZeRO {result['zero_stage']}, {args.config}")
+    print("batch/rank  step ms (median of rounds)  rounds")
+    for size, seconds in zip(sizes, times):
+        rounds = ", ".join(f"{1e3 * t:.1f}" for t in result["rounds"][str(size)])
+        print(f"{size:>10}  {1e3 * seconds:>26.1f}  {rounds}")
+    optimizer = result["optimizer_s"]
+    print(f"fit: step = {1e3 * intercept:.1f} ms + {1e3 * slope:.2f} ms × batch")
+    print(f"optimizer update alone (fused AdamW, same parameters): {1e3 * optimizer:.1f} ms")
+    print(f"fixed cost per step (intercept − optimizer update): {1e3 * (intercept - optimizer):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
