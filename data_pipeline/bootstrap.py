@@ -139,7 +139,7 @@ def round_run(cfg: BootstrapConfig, number: int) -> Path:
 # ------------------------------------------------------------------ reusing a finished run as round 0
 
 # Keys of a run's resolved config that do not change what it trains: where it writes, resuming, its bar.
-NOT_TRAINING_KEYS = frozenset({"output_dir", "resume", "progress"})
+NOT_TRAINING_KEYS = frozenset({"output_dir", "resume", "overwrite", "progress"})
 
 
 def check_round0_run(cfg: BootstrapConfig, pool: Pool) -> dict:

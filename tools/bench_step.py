@@ -67,11 +67,11 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
     from vlmtrain import engine as trainer
     from vlmtrain.config import load_train_config
     from vlmtrain.data import Batch
-    from vlmtrain.distributed.deepspeed_config import build_deepspeed_config
+    from vlmtrain.distributed.deepspeed_config import build_deepspeed_config, trainer_clips_gradients
     from vlmtrain.distributed.parallel_dims import build_process_groups
     from vlmtrain.metrics import count_flops_per_sample
     from vlmtrain.models.registry import spec_of
-    from vlmtrain.optim import build_optimizer, build_scheduler
+    from vlmtrain.optim import GradientClipper, build_optimizer, build_scheduler
 
     deepspeed.init_distributed(dist_backend="gloo")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -86,6 +86,9 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       lr_scheduler=build_scheduler(optimizer, cfg.optim, 10**6),
                                       config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+    if dims.dp == 1:
+        engine.enable_backward_allreduce = False  # as the trainer does
+    clipper = GradientClipper(engine.module, cfg.optim.grad_clip) if trainer_clips_gradients(cfg, dims) else None
     loss_fn = spec.build_loss(cfg.model, groups.dp)
     bounds = trainer.ParameterBounds(engine.module, spec)
     stop = trainer.StopRequest()
@@ -104,7 +107,7 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
         source, times = batches(size), []
         for step in range(1, steps + 1):
             started = time.perf_counter()
-            result = trainer.train_step(engine, source, loss_fn, torch.float32, cfg.optim.grad_accum_steps)
+            result = trainer.train_step(engine, source, loss_fn, torch.float32, cfg.optim.grad_accum_steps, clipper)
             bounds.apply()
             meter.add(result, first=False)
             if step % args.log_every == 0:  # the exact metrics of a log step, amortized as in training

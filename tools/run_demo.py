@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     data, curated, run_dir, results = out / "data", out / "curated", out / "run", out / "results.json"
     boot = out / "bootstrap"
     curate_overrides = [f"output_dir={curated}", f"sources=[{{format: webdataset, path: '{data / 'train'}'}}]"]
+    # overwrite=true: a demo run whose config changed is retrained from scratch.
     overrides = [f"data.train_shards={curated / 'shards'}", f"output_dir={run_dir}", f"seed={args.seed}",
-                 *args.overrides]
+                 "overwrite=true", *args.overrides]
     timings: dict[str, float] = {}
     started = time.perf_counter()
 

@@ -67,7 +67,7 @@ def save_training_state(engine, run_dir: Path, step: int, sidecar: dict, keep: i
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging / tag, final)
         _write_atomically(root / LATEST_FILE, tag)
-        _prune(root, keep)
+        prune(root, keep, step)
     _barrier()
     return final
 
@@ -78,10 +78,42 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(root: Path, keep: int) -> None:
-    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in tags[:-keep]:
+def prune(root: Path, keep: int, step: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step`` (the one just written), by step number.
+
+    Checkpoints past ``step`` belong to a continuation this run abandoned by resuming from an
+    earlier one; they are left alone rather than counted as newer than the one just written.
+    """
+    tags = sorted((tag_step(p.name), p) for p in root.glob("step_*") if p.is_dir() and tag_step(p.name) is not None)
+    mine = [path for number, path in tags if number <= step]
+    for old in mine[:-keep]:
         shutil.rmtree(old)
+
+
+def tag_step(tag: str) -> int | None:
+    number = tag.removeprefix("step_")
+    return int(number) if number.isdigit() else None
+
+
+def check_output_dir(run_dir: Path, resume: str, overwrite: bool) -> None:
+    """A run directory that holds a run is continued (``resume``) or cleared (``overwrite``), never
+    silently trained over: new checkpoints would mix with the old run's."""
+    if resume or overwrite:
+        return
+    held = sorted(p.name for p in (run_dir / CHECKPOINTS_DIR).glob("step_*")) if (run_dir / CHECKPOINTS_DIR).is_dir() else []
+    if (run_dir / EXPORT_DIR).is_dir():
+        held.append(f"{EXPORT_DIR}/")
+    if held:
+        raise CheckpointError(f"output_dir={run_dir} already holds a run ({', '.join(held[-3:])}): continue it with "
+                              f"resume=latest, start over with overwrite=true (deletes it first), or choose "
+                              f"another output_dir")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """What ``overwrite=true`` removes: the previous run's checkpoints, export, logs and metrics."""
+    if run_dir.is_dir():
+        for entry in run_dir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def _rng_state() -> dict:

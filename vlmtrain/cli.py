@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from contextlib import contextmanager
 
 from vlmtrain.errors import UserError
@@ -77,6 +78,7 @@ def train_main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     args = parser.parse_args(argv)
 
+    from vlmtrain.checkpoint import check_output_dir
     from vlmtrain.config import load_train_config
     from vlmtrain.data import check_enough_shards, resolve_sources
     from vlmtrain.distributed.env import free_port, is_launched
@@ -85,6 +87,7 @@ def train_main(argv: list[str] | None = None) -> None:
         cfg = load_train_config(args.config, args.overrides)
         dims = cfg.parallel_dims(int(os.environ.get("WORLD_SIZE", args.nproc_per_node)))
         check_enough_shards(cfg.data, resolve_sources(cfg.data), dims.dp)
+        check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
         if cfg.eval.every:
             from vlmtrain.eval.suite import resolve_eval_sets
 

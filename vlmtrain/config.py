@@ -102,6 +102,9 @@ class TrainConfig:
     resume: str = ""
     # Weights to start from: our export (RUN or RUN/final) or a file open_clip saved (.pt/.safetensors).
     init_from: str = ""
+    # Start over in an output_dir that holds a run (its contents are deleted first); without it,
+    # such a directory is refused unless resume is set.
+    overwrite: bool = False
     steps: int = field(default=100, metadata=at_least(1))
     zero_stage: int = field(default=2, metadata=choices(0, 1, 2, 3))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -115,6 +118,8 @@ class TrainConfig:
         self.data.check()
         if self.optim.warmup_steps > self.steps:
             raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
+        if self.overwrite and self.resume:
+            raise ConfigError(f"overwrite=true deletes the run that resume={self.resume} would continue: give one of them")
         if self.optim.offload and self.zero_stage == 0:
             raise ConfigError("optim.offload=true needs zero_stage >= 1 (ZeRO partitions what is offloaded)")
         if self.precision == "bf16" and self.zero_stage == 0:

@@ -23,7 +23,7 @@ from vlmtrain.config import TrainConfig
 from vlmtrain.configlib import to_dict
 from vlmtrain.data import build_train_loader, data_fingerprint, resolve_sources
 from vlmtrain.distributed.collectives import all_gather_objects, sum_over
-from vlmtrain.distributed.deepspeed_config import build_deepspeed_config
+from vlmtrain.distributed.deepspeed_config import build_deepspeed_config, trainer_clips_gradients
 from vlmtrain.distributed.env import discover
 from vlmtrain.distributed.full_state import full_state_dict
 from vlmtrain.distributed.parallel_dims import ParallelDims, ProcessGroups, build_process_groups
@@ -32,7 +32,7 @@ from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, de
                               peak_memory_gb)
 from vlmtrain.models.registry import spec_of
 from vlmtrain.models.spec import ModelSpec
-from vlmtrain.optim import build_optimizer, build_scheduler
+from vlmtrain.optim import GradientClipper, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,13 @@ def train(cfg: TrainConfig) -> dict:
     elif cfg.resume and env.is_main:
         print(f"vlm-train: no checkpoint under {run_dir / checkpoint.CHECKPOINTS_DIR} yet: starting at step 0",
               flush=True)
+    checkpoint.check_output_dir(run_dir, cfg.resume, cfg.overwrite)
     if env.is_main:
+        if cfg.overwrite and not cfg.resume:
+            checkpoint.clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    dist.barrier()  # no rank writes into the run directory before it is cleared
 
     model = spec.build(cfg.model)
     if cfg.init_from and not resume:
@@ -70,6 +74,10 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+    if dims.dp == 1:
+        # One replica: DeepSpeed would still flatten, "all-reduce" and copy back every gradient.
+        engine.enable_backward_allreduce = False
+    clipper = GradientClipper(engine.module, cfg.optim.grad_clip) if trainer_clips_gradients(cfg, dims) else None
     start_step, cursor = 0, None
     if resume:
         checkpoint.load_training_state(engine, resume)
@@ -101,7 +109,7 @@ def train(cfg: TrainConfig) -> dict:
     record, step = {}, start_step
     while step < cfg.steps:
         step += 1
-        result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps)
+        result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps, clipper)
         bounds.apply()
         meter.add(result, first=step == start_step + 1)
         if key_log:
@@ -109,8 +117,8 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = {"step": step, **mean_losses(result.losses, groups), "lr": engine.get_lr()[0],
                       **logged_parameters(engine.module, spec), **meter.report(), "peak_mem_gb": peak_memory_gb()}
-            grad_norm = engine.get_global_grad_norm()  # before clipping; None where DeepSpeed has none
-            if grad_norm is not None:
+            grad_norm = clipper.norm() if clipper else engine.get_global_grad_norm()  # before clipping
+            if grad_norm is not None:  # None where DeepSpeed keeps none
                 record["grad_norm"] = float(grad_norm)
             metrics.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
@@ -177,17 +185,21 @@ class StepResult:
     keys: list[str] = field(default_factory=list)
 
 
-def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int) -> StepResult:
-    """One optimizer step: ``accum_steps`` micro-batches, DeepSpeed steps on the last one."""
+def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int,
+               clipper: GradientClipper | None = None) -> StepResult:
+    """One optimizer step: ``accum_steps`` micro-batches, DeepSpeed steps on the last one (after
+    the gradients are clipped, where the trainer clips them)."""
     started = time.perf_counter()
     terms: dict[str, list[torch.Tensor]] = {}
     samples, skipped, waited, keys = 0, 0, 0.0, []
-    for _ in range(accum_steps):
+    for micro in range(accum_steps):
         wait_from = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - wait_from
         losses = loss_fn(engine(batch.images.to(engine.device, dtype), batch.tokens.to(engine.device)))
         engine.backward(losses["loss"])
+        if clipper and micro == accum_steps - 1:
+            clipper.clip()
         engine.step()
         for name, value in losses.items():
             terms.setdefault(name, []).append(value.detach())

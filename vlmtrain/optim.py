@@ -1,4 +1,5 @@
-"""AdamW with open_clip-style parameter groups and a warmup + cosine learning-rate schedule."""
+"""AdamW with open_clip-style parameter groups, a warmup + cosine learning-rate schedule, and
+gradient-norm clipping where the trainer does it itself."""
 from __future__ import annotations
 
 import math
@@ -39,3 +40,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
+
+
+class GradientClipper:
+    """Clip whole (unpartitioned) gradients to a global norm with fused kernels; keeps the norm."""
+
+    def __init__(self, module: nn.Module, max_norm: float):
+        self.parameters = [p for p in module.parameters() if p.requires_grad]
+        self.max_norm = max_norm
+        self._norm = torch.zeros(())
+
+    def clip(self) -> None:
+        # The norm stays a tensor here: reading it (a host sync on GPUs) waits for a log step.
+        self._norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm, foreach=True)
+
+    def norm(self) -> float:
+        """The global gradient norm before clipping, at the last optimizer step."""
+        return float(self._norm)

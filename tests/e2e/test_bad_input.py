@@ -73,3 +73,22 @@ def test_an_impossible_layout_fails_before_launching_ranks(tmp_path, small_corpu
                       f"data.train_shards={small_corpus / 'train'}", f"output_dir={tmp_path / 'run'}", *overrides)
     assert_one_clear_error(result, "vlm-train", *fragments)
     assert not (tmp_path / "run").exists()
+
+
+def test_retraining_into_a_used_run_directory_is_refused_unless_overwritten(tmp_path, small_corpus):
+    def train(*extra):
+        return run_tool("vlm-train", "--config", "configs/train/demo.yaml", f"data.train_shards={small_corpus / 'train'}",
+                        f"output_dir={tmp_path / 'run'}", "data.batch_size=8", "data.shuffle_buffer=8",
+                        "optim.warmup_steps=1", "checkpoint.every=1", "checkpoint.keep=2", "progress=false",
+                        "metrics.tensorboard=false", *extra)
+
+    first = train("steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train("steps=2")
+    assert_one_clear_error(again, "vlm-train", "already holds a run", "resume=latest", "overwrite=true")
+
+    fresh = train("steps=2", "overwrite=true")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000001", "step_0000002"]
+    assert (checkpoints / "latest").read_text() == "step_0000002"
