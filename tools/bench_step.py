@@ -86,7 +86,7 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       lr_scheduler=build_scheduler(optimizer, cfg.optim, 10**6),
                                       config=build_deepspeed_config(cfg, dims, spec.tp_plan))
-    if dims.dp == 1:
+    if dims.dp == 1 and cfg.zero_stage == 0:
         engine.enable_backward_allreduce = False  # as the trainer does
     clipper = GradientClipper(engine.module, cfg.optim.grad_clip) if trainer_clips_gradients(cfg, dims) else None
     loss_fn = spec.build_loss(cfg.model, groups.dp)

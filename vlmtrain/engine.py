@@ -74,8 +74,9 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(cfg, dims, spec.tp_plan))
-    if dims.dp == 1:
-        # One replica: DeepSpeed would still flatten, "all-reduce" and copy back every gradient.
+    if dims.dp == 1 and cfg.zero_stage == 0:
+        # One replica without ZeRO: DeepSpeed would still flatten, "all-reduce" and copy back every
+        # gradient. (ZeRO 1/2 reduce their gradient partitions on this path: it stays on for them.)
         engine.enable_backward_allreduce = False
     clipper = GradientClipper(engine.module, cfg.optim.grad_clip) if trainer_clips_gradients(cfg, dims) else None
     start_step, cursor = 0, None
