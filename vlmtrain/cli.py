@@ -102,7 +102,7 @@ def plan_main(argv: list[str]) -> None:
                         help="samples per optimizer step: each layout's micro-batch is this / (dp × "
                         "grad_accum_steps) (default: the config's data.batch_size for every layout)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.world < 1:
         parser.error("--world must be >= 1")
 

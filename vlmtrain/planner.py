@@ -371,10 +371,10 @@ def format_table(rows: list[PlanRow], gpu_mem_gib: float | None) -> str:
     if gpu_mem_gib:
         head += "  fits"
     lines = [head, "-" * len(head)]
-    excluded = []
+    excluded: dict[str, list[str]] = {}  # reason → layouts, so each reason is printed once
     for row in rows:
         if row.memory is None:
-            excluded.append(f"  ZeRO-{row.zero} tp={row.tp} pp={row.pp}: {row.excluded}")
+            excluded.setdefault(row.excluded, []).append(f"{row.zero}/{row.tp}/{row.pp}")
             continue
         m, lay = row.memory, row.layout
         gib = [value / GiB for value in (m.parameters, m.gradients, m.optimizer, m.buffers, m.activations,
@@ -386,7 +386,8 @@ def format_table(rows: list[PlanRow], gpu_mem_gib: float | None) -> str:
             line += "  " + fit_mark(m, gpu_mem_gib)
         lines.append(line)
     if excluded:
-        lines += ["", "excluded by the run's rules:", *excluded]
+        lines += ["", "excluded by the run's rules (zero/tp/pp):"]
+        lines += [f"  {', '.join(layouts)}: {reason}" for reason, layouts in excluded.items()]
     return "\n".join(lines)
 
 

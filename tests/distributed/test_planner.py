@@ -29,8 +29,7 @@ WORLD = 2
 LAYOUTS = {
     "zero0": ["zero_stage=0"],
     "zero3": ["zero_stage=3"],
-    "tp2": pytest.param(["zero_stage=1", "parallel.tp=2"],
-                        marks=pytest.mark.skip(reason="tensor-parallel training lands with part 4")),
+    "tp2": ["zero_stage=1", "parallel.tp=2"],  # AutoTP as the engine sets it up today
     "pp2": pytest.param(["zero_stage=1", "parallel.pp=2"],
                         marks=pytest.mark.skip(reason="CLIP has no pipeline layers until part 5")),
 }
