@@ -11,8 +11,9 @@ and the bytes autograd saves for backward during that step's forward and loss
 the same config and only its meta-device census and arithmetic: nothing is shared with the
 measurement but the config.
 
-Layouts checked: ZeRO 0 and 3 at dp=2 (ZeRO 1 agrees as closely; left out to keep the test near 90 s). tp=2 and pp=2 are listed and wait for tensor- and
-pipeline-parallel training to land (part 4 and 5 of issue 11); drop their skip marks then.
+Layouts checked: ZeRO 0 and 3 at dp=2, and tp=2 (ZeRO 1) through DeepSpeed AutoTP as the engine
+sets it up today (ZeRO 1 at dp=2 agrees as closely; left out for time). pp=2 is listed and waits
+for CLIP's pipeline layers (part 5 of issue 11): drop its skip mark then.
 """
 import pytest
 
