@@ -152,14 +152,15 @@ def stage_memory(census: Census, layout: Layout, bf16: bool, bucket: int, stage:
         parameters = width * (shard + persistent)
     else:
         parameters = width * n
-    # ZeRO 0: every gradient, and the flat copy DeepSpeed all-reduces. ZeRO 1-3: the gradients of
-    # this rank's partition, plus the reduction bucket of ``bucket`` elements (allocated whole,
-    # however small the model). Under bf16 the optimizer step also takes an fp32 copy.
+    # ZeRO 0: every gradient, and the flat copy DeepSpeed all-reduces at the end of the backward.
+    # ZeRO 1-3: the gradients of this rank's partition, plus the reduction bucket of ``bucket``
+    # elements (allocated whole, however small the model). Copies made inside the optimizer step
+    # (bf16 gradients to fp32) are not counted: activations are freed by then.
     if zero == 0:
         gradients, buffers = width * n, width * min(n, ZERO0_ALLREDUCE_ELEMENTS)
     else:
         partition = shard if zero == 3 else grads_held_by_partition(groups, dp)  # ZeRO-3 splits each parameter
-        gradients, buffers = width * partition + (4 * shard if bf16 else 0), width * bucket
+        gradients, buffers = width * partition, width * bucket
     # AdamW's m and v in fp32; ZeRO keeps an fp32 master copy of its partition (also under fp32).
     optimizer = 8 * n + (4 * n if bf16 else 0) if zero == 0 else 12 * shard
     in_flight = min(layout.pp - stage, layout.micro_batches)  # 1F1B: stage s holds pp - s micro-batches
@@ -224,8 +225,8 @@ class _MemoryEfficientAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
+        if func is F.scaled_dot_product_attention and len(args) == 3 and kwargs.get("attn_mask") is None:
+            q, k, v = args
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False))[0]
         return func(*args, **kwargs)

@@ -42,9 +42,10 @@ def test_zero_stages_shard_optimizer_then_gradients_then_parameters_over_dp():
     assert z3.gradients == 4 * 250 and z3.buffers == 4 * BUCKET
 
 
-def test_bf16_halves_working_copies_and_adds_the_fp32_master_and_step_gradient():
+def test_bf16_halves_working_copies_and_keeps_fp32_optimizer_state_and_master():
     m = rank_memory(two_blocks(), Layout(zero=3, tp=1, pp=1, dp=2, micro_batch=1), bf16=True, bucket=BUCKET)
-    assert m.gradients == 2 * 500 + 4 * 500
+    assert m.parameters == 2 * (500 + 1000)
+    assert m.gradients == 2 * 500
     assert m.optimizer == 12 * 500
     assert m.buffers == 2 * BUCKET
 
