@@ -2,8 +2,9 @@
 
 Two halves. :func:`census` builds the model on the meta device (no memory, no compute, any size)
 and records what a layout splits: each parameter's elements, whether the family's tensor-parallel
-plan splits it, and which transformer block holds it; and, from one forward plus the loss on the
-meta device, the bytes autograd saves for backward, per block, split or not by tensor parallelism.
+plan splits it, and which of the family's pipeline layers holds it; and, from one forward plus the
+loss on the meta device, the bytes autograd saves for backward, per transformer block, split or not
+by tensor parallelism.
 :func:`rank_memory` is then arithmetic: it applies a layout (ZeRO stage, tp, pp, dp) to a census,
 following what DeepSpeed 0.19 allocates (its sources under ``runtime/zero/``; checked against
 ``tools/measure_memory.py`` in ``tests/distributed/test_planner.py``).
@@ -52,7 +53,7 @@ class ParamInfo:
     name: str
     numel: int
     tp_split: bool  # matched by the tensor-parallel plan (a column weight and its bias, a row weight)
-    block: int | None  # index of its transformer block in forward order; None outside the blocks
+    layer: int = 0  # index of the pipeline layer holding it (0: a family without pipeline layers)
     group: int = 0  # its optimizer parameter group (ZeRO partitions each group's flat buffer)
 
 
@@ -62,13 +63,16 @@ class Census:
 
     ``saved`` are bytes saved for backward by one micro-batch of ``batch`` samples, per block and
     ``rest`` outside the blocks (embeddings, pooling, the loss); ``block_inputs`` are the bytes of
-    each block's input, what activation checkpointing keeps of a block.
+    each block's input, what activation checkpointing keeps of a block. ``block_layers`` is the
+    pipeline layer of each block and ``layers`` the number of pipeline layers.
     """
     params: tuple[ParamInfo, ...]
     batch: int
     saved: tuple[Split, ...]
     rest: Split
     block_inputs: tuple[int, ...]
+    block_layers: tuple[int, ...]
+    layers: int
 
     @property
     def blocks(self) -> int:
@@ -109,9 +113,17 @@ class RankMemory:
 # ---------------------------------------------------------------- arithmetic
 
 
-def stage_blocks(blocks: int, pp: int) -> list[range]:
-    """Contiguous blocks per pipeline stage, counts differing by at most one."""
-    return [range(s * blocks // pp, (s + 1) * blocks // pp) for s in range(pp)]
+def pipeline_stages(census: Census, pp: int) -> list[range]:
+    """The pipeline layers of each stage, as the pipeline engine partitions them (DeepSpeed's
+    ``type:Block$`` method): transformer blocks balanced over the stages, the other layers going
+    where DeepSpeed's partition puts them."""
+    if pp == 1:
+        return [range(census.layers)]
+    from deepspeed.runtime.utils import partition_balanced
+
+    carries_block = [int(layer in census.block_layers) for layer in range(census.layers)]
+    parts = [int(bound) for bound in partition_balanced(carries_block, pp)]
+    return [range(start, end) for start, end in zip(parts, parts[1:])]
 
 
 def grads_held_by_partition(groups: list[list[int]], dp: int) -> int:
@@ -131,16 +143,17 @@ def grads_held_by_partition(groups: list[list[int]], dp: int) -> int:
 
 
 def rank_memory(census: Census, layout: Layout, bf16: bool, bucket: int = BUCKET_ELEMENTS) -> RankMemory:
-    """Per-rank bytes of ``layout``: the largest over its pipeline stages (each holds its blocks and,
-    until a family's pipeline layer list places them, all non-block parameters: an upper bound)."""
-    return max((stage_memory(census, layout, bf16, bucket, stage, blocks)
-                for stage, blocks in enumerate(stage_blocks(census.blocks, layout.pp))),
+    """Per-rank bytes of ``layout``: the largest over its pipeline stages. Activations saved outside
+    the blocks (embeddings, pooling, the loss: small) are counted on every stage."""
+    return max((stage_memory(census, layout, bf16, bucket, stage, layers)
+                for stage, layers in enumerate(pipeline_stages(census, layout.pp))),
                key=lambda memory: memory.total())
 
 
 def stage_memory(census: Census, layout: Layout, bf16: bool, bucket: int, stage: int,
-                 blocks: range) -> RankMemory:
-    held = [p for p in census.params if p.block is None or p.block in blocks]
+                 layers: range) -> RankMemory:
+    held = [p for p in census.params if p.layer in layers]
+    blocks = [b for b, layer in enumerate(census.block_layers) if layer in layers]
     per_rank = [math.ceil(p.numel / layout.tp) if p.tp_split else p.numel for p in held]
     groups = [[numel for p, numel in zip(held, per_rank) if p.group == g] for g in sorted({p.group for p in held})]
     n = sum(per_rank)
@@ -187,15 +200,17 @@ def census(cfg: TrainConfig, batch: int) -> Census:
                   for k, v in spec.example_inputs(cfg.model, batch).items()}
         loss_fn = spec.build_loss(cfg.model, None)
     blocks = transformer_blocks(model)
-    block_of = {f"{name}.": index for index, (name, _) in enumerate(blocks)}
-    params = tuple(ParamInfo(name, p.numel(), tp_splits(name, spec.tp_plan),
-                             next((i for prefix, i in block_of.items() if name.startswith(prefix)), None),
+    layers = spec.pipeline_layers(model) if spec.pipeline_layers else [model]
+    layer_of = {id(p): index for index, layer in enumerate(layers) for p in layer.parameters()}
+    params = tuple(ParamInfo(name, p.numel(), tp_splits(name, spec.tp_plan), layer_of[id(p)],
                              group=int(no_weight_decay(name, p, spec.no_weight_decay)))  # build_optimizer's order
                    for name, p in model.named_parameters())
+    block_layers = tuple(layer_of[id(next(block.parameters()))] for _, block in blocks)
     recorder = SavedTensors(model, blocks, spec.tp_plan)
     with recorder, torch.device("meta"):
         loss_fn(model(**inputs))["loss"]
-    return Census(params, batch, tuple(recorder.saved), recorder.rest, tuple(recorder.inputs))
+    return Census(params, batch, tuple(recorder.saved), recorder.rest, tuple(recorder.inputs), block_layers,
+                  len(layers))
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

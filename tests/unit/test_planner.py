@@ -6,7 +6,7 @@ from vlmtrain.config import DataConfig, TrainConfig
 from vlmtrain.models.clip.parallelize import TP_PLAN
 from vlmtrain.models.registry import spec_of
 from vlmtrain.planner import (Census, Layout, ParamInfo, Split, census, grads_held_by_partition, plan,
-                              rank_memory, stage_blocks, tp_splits)
+                              pipeline_stages, rank_memory, tp_splits)
 
 BUCKET = 1000
 
@@ -15,13 +15,14 @@ def tiny_run() -> TrainConfig:
     return TrainConfig(model=clip_config(), data=DataConfig(train_shards="unused"), output_dir="unused")
 
 
-def two_blocks(**kw) -> Census:
-    """Two blocks of 400 elements (300 split by tp) and 200 elements outside them; per sample each
-    block saves 10 bytes (6 split), the rest 4, and each block's input is 2 bytes."""
-    params = (ParamInfo("embed", 200, False, None),
-              ParamInfo("b0.w", 300, True, 0), ParamInfo("b0.n", 100, False, 0),
-              ParamInfo("b1.w", 300, True, 1), ParamInfo("b1.n", 100, False, 1))
-    return Census(params, batch=1, saved=(Split(6, 4), Split(6, 4)), rest=Split(0, 4), block_inputs=(2, 2), **kw)
+def two_blocks() -> Census:
+    """Pipeline layers: an embedding of 200 elements, then two blocks of 400 (300 split by tp). Per
+    sample each block saves 10 bytes (6 split), the rest of the model 4; a block's input is 2 bytes."""
+    params = (ParamInfo("embed", 200, False, layer=0),
+              ParamInfo("b0.w", 300, True, layer=1), ParamInfo("b0.n", 100, False, layer=1),
+              ParamInfo("b1.w", 300, True, layer=2), ParamInfo("b1.n", 100, False, layer=2))
+    return Census(params, batch=1, saved=(Split(6, 4), Split(6, 4)), rest=Split(0, 4), block_inputs=(2, 2),
+                  block_layers=(1, 2), layers=3)
 
 
 def test_zero_0_holds_everything_in_fp32_and_a_flat_copy_of_the_gradients():
@@ -58,10 +59,19 @@ def test_tensor_parallel_divides_only_what_its_plan_splits():
 
 def test_pipeline_counts_the_heaviest_stage_with_its_in_flight_micro_batches():
     layout = Layout(zero=1, tp=1, pp=2, dp=1, micro_batch=1, micro_batches=4)
+    assert pipeline_stages(two_blocks(), 2) == [range(0, 2), range(2, 3)]  # embedding + block 0 | block 1
     m = rank_memory(two_blocks(), layout, bf16=False, bucket=BUCKET)
-    assert m.parameters == 4 * (200 + 400)  # one block, and the non-block parameters (upper bound)
+    assert m.parameters == 4 * (200 + 400)  # stage 0
     assert m.activations == 2 * (10 + 4)  # stage 0 holds pp = 2 micro-batches (1F1B)
-    assert stage_blocks(5, 2) == [range(0, 2), range(2, 5)]
+
+
+def test_pipeline_stages_balance_blocks_and_place_other_layers_as_deepspeed_does():
+    # CLIP's layers: image embed, 4 image blocks, image pool, text embed, 4 text blocks, text pool, head.
+    layers = ["embed", *"BBBB", "pool", "embed", *"BBBB", "pool", "head"]
+    blocks = tuple(i for i, kind in enumerate(layers) if kind == "B")
+    clip = Census((), 1, (Split(),) * 8, Split(), (0,) * 8, block_layers=blocks, layers=len(layers))
+    # Four blocks a stage; the text embedding stays with the image tower's stage.
+    assert pipeline_stages(clip, 2) == [range(0, 7), range(7, 13)]
 
 
 def test_zero_1_2_ranks_keep_whole_gradients_of_every_parameter_their_slice_touches():
