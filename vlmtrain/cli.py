@@ -67,11 +67,69 @@ def configure_runtime() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
+PLAN_EPILOG = """\
+what it counts, per rank (GiB):
+  params    working parameters (bf16 or fp32); ZeRO-3 shards them over dp, keeping parameters of
+            <= 1e5 elements whole as DeepSpeed does
+  grads     all gradients (ZeRO 0) or those of this rank's partition (ZeRO 1-3)
+  optim     AdamW m and v in fp32, plus ZeRO's fp32 master weights; sharded over dp at ZeRO >= 1
+  buffers   DeepSpeed's gradient buckets (reduce_bucket_size elements at ZeRO 1-3; a flat copy of
+            the gradients at ZeRO 0)
+  act       bytes saved for backward by one micro-batch (measured by a forward and the loss on the
+            meta device; attention as memory-efficient kernels run it); act_ckpt with activation
+            checkpointing per transformer block (block inputs plus one block's recompute)
+  tensor parallelism splits what the model family's tp plan names (and the activations between a
+  column- and a row-parallel layer); pipeline parallelism counts the heaviest stage, with its
+  in-flight micro-batches (1F1B). Transient copies inside the optimizer step, ZeRO-3's gathered
+  parameters and the framework's own workspace are not counted: keep some headroom.
+  fits: yes, ckpt (only with activation checkpointing) or no.
+
+example:
+  vlm-train plan configs/train/demo.yaml --world 64 --gpu-mem 80 --global-batch 32768 \\
+      model.preset=vit_l_14 precision=bf16
+"""
+
+
+def plan_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vlm-train plan", description="Per-rank memory (parameters, gradients, optimizer state, "
+        "activations with and without checkpointing) of every ZeRO stage × tp × pp layout of a run on "
+        "--world ranks, from the model built on the meta device. Nothing is allocated or launched.",
+        epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML run config, e.g. configs/train/demo.yaml")
+    parser.add_argument("--world", type=int, required=True, help="number of ranks (GPUs) of the run")
+    parser.add_argument("--gpu-mem", type=float, help="memory of one GPU in GiB: marks the layouts that fit")
+    parser.add_argument("--global-batch", type=int,
+                        help="samples per optimizer step: each layout's micro-batch is this / (dp × "
+                        "grad_accum_steps) (default: the config's data.batch_size for every layout)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    if args.world < 1:
+        parser.error("--world must be >= 1")
+
+    from vlmtrain.config import load_train_config
+    from vlmtrain.planner import format_table, plan
+
+    with user_errors("vlm-train plan"):
+        cfg = load_train_config(args.config, args.overrides)
+        rows = plan(cfg, args.world, args.global_batch)
+    print(f"{args.world} ranks, {cfg.model.family} preset {cfg.model.preset}, {cfg.precision}, "
+          f"grad_accum_steps {cfg.optim.grad_accum_steps}; GiB per rank (pp: its heaviest stage)")
+    print(format_table(rows, args.gpu_mem))
+
+
 def train_main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        plan_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(
         prog="vlm-train", description="Train a vision-language model (model.family: clip) with DeepSpeed: "
         "ZeRO 0-3, data × tensor × pipeline parallel.",
-        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="vlm-train --config CONFIG [--nproc-per-node N] [key.sub=value ...]\n"
+              "       vlm-train plan CONFIG --world N [--gpu-mem GiB] [key.sub=value ...]  "
+              "(per-rank memory of every layout; see vlm-train plan --help)")
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/train/demo.yaml")
     parser.add_argument("--nproc-per-node", type=int, default=1,
                         help="ranks to launch locally when not already under a launcher (default 1)")
