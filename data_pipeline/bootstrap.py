@@ -69,8 +69,10 @@ class Pool:
 
 
 def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
-                  log: Callable[[str], None] = print, quiet_tools: bool = False) -> list[dict]:
-    """Run rounds 0..rounds−1, resuming at the first unfinished one; return the rounds table."""
+                  log: Callable[[str], None] = print, quiet_tools: bool = False,
+                  trust_checkpoint: bool = False) -> list[dict]:
+    """Run rounds 0..rounds−1, resuming at the first unfinished one; return the rounds table.
+    ``trust_checkpoint``: load the scorers' DeepSpeed files fully (``--trust-checkpoint``)."""
     if rounds < 1:
         raise BootstrapError(f"--rounds must be at least 1 (round 0 trains the first scorer), got {rounds}")
     pool = Pool.load(cfg.pool)
@@ -87,7 +89,7 @@ def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
             if number == 0:
                 _check_finished_round0(json.loads(done.read_text()), cfg, reused, out)
         else:
-            row = _run_round(cfg, pool, truth, number, round_dir, use_ray, log, quiet_tools)
+            row = _run_round(cfg, pool, truth, number, round_dir, use_ray, log, quiet_tools, trust_checkpoint)
             write_json_atomic(done, row)
         table.append(json.loads(done.read_text()))
         log(format_round(table[-1]))
@@ -96,7 +98,7 @@ def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
 
 
 def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, number: int, round_dir: Path,
-               use_ray: bool, log: Callable[[str], None], quiet: bool) -> dict:
+               use_ray: bool, log: Callable[[str], None], quiet: bool, trust: bool) -> dict:
     round_dir.mkdir(parents=True, exist_ok=True)
     row: dict = {"round": number, "scorer": None, "rule": None, "cutoff": None,
                  "pool_rows": int(pool.decisions["kept"].sum()),
@@ -106,7 +108,7 @@ def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, num
         decisions = pool.decisions
     else:
         scorer = round_run(cfg, number - 1)
-        spec = ModelSpec(checkpoint=str(scorer))
+        spec = ModelSpec(checkpoint=str(scorer), trust_checkpoint=trust)
         scores = embed_pool(pool.shards, round_dir / "embeddings", spec, cfg.embed, use_ray=use_ray, log=log)
         decisions, cutoff = select_by_clip_score(pool.decisions, scores, cfg.clip_score)
         decisions.to_parquet(round_dir / "decisions.parquet", index=False)
@@ -125,7 +127,7 @@ def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, num
         train(cfg, shards_dir, run_dir, quiet, log)
     row["checkpoint"] = str(run_dir / "final")
     row["train_summary"] = json.loads((run_dir / "train_summary.json").read_text())
-    row["zero_shot"] = evaluate(cfg, run_dir, round_dir / "eval.json", quiet, log) if cfg.eval_sets else {}
+    row["zero_shot"] = evaluate(cfg, run_dir, round_dir / "eval.json", quiet, log, trust) if cfg.eval_sets else {}
     return row
 
 
@@ -303,10 +305,11 @@ def train(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path, quiet: bool, lo
            *round_train_overrides(cfg, shards_dir, run_dir)], "train", quiet, log)
 
 
-def evaluate(cfg: BootstrapConfig, run_dir: Path, out: Path, quiet: bool, log: Callable[[str], None]) -> dict:
+def evaluate(cfg: BootstrapConfig, run_dir: Path, out: Path, quiet: bool, log: Callable[[str], None],
+             trust: bool = False) -> dict:
     """vlm-eval zero-shot → {"<dataset>/<metric>": value}."""
     _call([_tool("vlm-eval"), "zeroshot", "--checkpoint", str(run_dir), "--data", *cfg.eval_sets,
-           "--out", str(out), "--no-progress"], "eval", quiet, log)
+           "--out", str(out), "--no-progress", *(["--trust-checkpoint"] if trust else [])], "eval", quiet, log)
     return {f"{record['dataset']}/{name}": value for record in json.loads(out.read_text())
             for name, value in record["metrics"].items() if not name.startswith("num_")}
 

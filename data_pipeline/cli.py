@@ -75,6 +75,7 @@ def _add_embed_parser(commands) -> None:
     model.add_argument("--checkpoint", help="a vlm-train run, export or DeepSpeed checkpoint")
     model.add_argument("--model", help="an open_clip model name (with --pretrained FILE) or local-dir:DIR")
     embed.add_argument("--pretrained", default="", help="local weights file for --model")
+    _add_trust_flag(embed)
     embed.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     embed.add_argument("--workers", type=int, default=2, help="model actors (default 2)")
     embed.add_argument("--cpus-per-worker", type=float, default=0.5,
@@ -95,6 +96,14 @@ def _add_bootstrap_parser(commands) -> None:
     bootstrap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
     bootstrap.add_argument("--rounds", type=int, default=2, help="rounds including round 0 (default 2)")
     bootstrap.add_argument("--no-ray", action="store_true", help="embed in this process (debugging)")
+    _add_trust_flag(bootstrap)
+
+
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle the DeepSpeed checkpoint files of the scoring model fully, which can run code "
+                             "stored in them: only for checkpoints you wrote (by default only tensors and "
+                             "DeepSpeed's own types load)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,11 +150,13 @@ def _scoring_main(args: argparse.Namespace) -> int:
 
     try:
         if args.command == "bootstrap":
-            run_bootstrap(load_bootstrap_config(args.config, args.overrides), args.rounds, use_ray=not args.no_ray)
+            run_bootstrap(load_bootstrap_config(args.config, args.overrides), args.rounds, use_ray=not args.no_ray,
+                          trust_checkpoint=args.trust_checkpoint)
             return 0
         if not args.shards.is_dir():
             raise EmbedError(f"shards folder not found: {args.shards}")
-        spec = ModelSpec(checkpoint=args.checkpoint or "", open_clip_model=args.model or "", pretrained=args.pretrained)
+        spec = ModelSpec(checkpoint=args.checkpoint or "", open_clip_model=args.model or "", pretrained=args.pretrained,
+                         trust_checkpoint=args.trust_checkpoint)
         cfg = EmbedConfig(batch_size=args.batch_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
         index = embed_pool(sorted(str(p) for p in args.shards.glob("*.tar")), args.out, spec, cfg,
                            use_ray=not args.no_ray)

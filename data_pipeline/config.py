@@ -171,6 +171,8 @@ class ModelSpec:
     checkpoint: str = ""
     open_clip_model: str = ""
     pretrained: str = ""
+    # Unpickle the checkpoint's DeepSpeed files fully (can run code): only for checkpoints you wrote.
+    trust_checkpoint: bool = False
 
     def is_set(self) -> bool:
         return bool(self.checkpoint or self.open_clip_model)
@@ -179,10 +181,11 @@ class ModelSpec:
         from vlmtrain.eval.checkpoints import load_eval_model
 
         if self.checkpoint:
-            return load_eval_model(self.checkpoint)
+            return load_eval_model(self.checkpoint, trust_checkpoint=self.trust_checkpoint)
         return load_eval_model(model=self.open_clip_model, pretrained=self.pretrained or None)
 
     def describe(self) -> dict:
+        """Which model it is (what embeddings are stamped with); how it is loaded is left out."""
         return {"checkpoint": self.checkpoint, "open_clip_model": self.open_clip_model,
                 "pretrained": self.pretrained}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,13 +38,20 @@ class JobEmbedder:
 
     def __init__(self, spec: dict, batch_size: int, threads: int):
         import torch
+        from vlmtrain.checkpoint import CheckpointError
 
         torch.set_num_threads(threads)
-        self.loaded = ModelSpec(**spec).load()
         self.batch_size = batch_size
+        self.loaded, self.load_error = None, None
+        try:
+            self.loaded = ModelSpec(**spec).load()
+        except CheckpointError as err:  # reported by embed(): Ray would bury it in an actor-died error
+            self.load_error = str(err)
 
     def embed(self, job: str, out_dir: str) -> dict:
-        """The job's summary, or the bad sample's message (Ray would bury the exception in its own)."""
+        """The job's summary, or the bad sample's (or model's) message (Ray would bury the exception in its own)."""
+        if self.load_error:
+            return {"error": self.load_error}
         try:
             return embed_job(EmbedJob.from_json(job), self.loaded, Path(out_dir), self.batch_size)
         except EmbedError as err:
@@ -68,7 +76,7 @@ class EmbedWorkers:
     def run(self, jobs: list[EmbedJob], out: Path) -> Iterator[dict]:
         """Each job's summary as it finishes (in completion order)."""
         if not self.use_ray:
-            self.local = self.local or JobEmbedder(self.spec.describe(), self.cfg.batch_size,
+            self.local = self.local or JobEmbedder(asdict(self.spec), self.cfg.batch_size,
                                                    self.cfg.threads_per_worker)
             for job in jobs:
                 yield self.local.embed(job.to_json(), str(out))
@@ -85,7 +93,7 @@ class EmbedWorkers:
         self.started_ray = ensure_ray(self.cfg.num_cpus) or self.started_ray
         # Fractional CPUs: the actors share a small machine with the curation's own Ray tasks.
         remote = ray.remote(num_cpus=self.cfg.cpus_per_worker)(JobEmbedder)
-        args = (self.spec.describe(), self.cfg.batch_size, self.cfg.threads_per_worker)
+        args = (asdict(self.spec), self.cfg.batch_size, self.cfg.threads_per_worker)
         self.actors += [remote.remote(*args) for _ in range(wanted - len(self.actors))]
 
     def close(self) -> None:
