@@ -37,8 +37,11 @@ import pandas as pd
 
 from data_pipeline.config import BootstrapConfig, ModelSpec
 from data_pipeline.embedding import embed_pool
-from data_pipeline.shards import read_shard_members, write_json_atomic
+from data_pipeline.inputs import refuse_inputs_inside
+from data_pipeline.shards import read_shard_members
 from data_pipeline.stages.clip_score import select_by_clip_score
+from vlmtrain import atomic
+from vlmtrain.runlock import RunLock
 
 MISMATCHED, CLEAN = "mismatched_caption", "clean"
 
@@ -75,11 +78,20 @@ def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
     ``trust_checkpoint``: load the scorers' DeepSpeed files fully (``--trust-checkpoint``)."""
     if rounds < 1:
         raise BootstrapError(f"--rounds must be at least 1 (round 0 trains the first scorer), got {rounds}")
+    out = Path(cfg.output_dir)
+    refuse_inputs_inside(out, [("pool", cfg.pool), ("round0_run", cfg.round0_run), ("train_config", cfg.train_config),
+                               ("ground_truth", cfg.ground_truth),
+                               *((f"eval_sets[{i}]", path) for i, path in enumerate(cfg.eval_sets))])
     pool = Pool.load(cfg.pool)
     reused = check_round0_run(cfg, pool) if cfg.round0_run else None
     truth = load_ground_truth(cfg.ground_truth) if cfg.ground_truth else None
+    with RunLock(out):
+        return _run_rounds(cfg, pool, reused, truth, rounds, use_ray, log, quiet_tools, trust_checkpoint)
+
+
+def _run_rounds(cfg: BootstrapConfig, pool: Pool, reused: dict | None, truth: pd.DataFrame | None, rounds: int,
+                use_ray: bool, log: Callable[[str], None], quiet_tools: bool, trust_checkpoint: bool) -> list[dict]:
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = []
     for number in range(rounds):
         round_dir = out / f"round-{number:02d}"
@@ -90,7 +102,7 @@ def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
                 _check_finished_round0(json.loads(done.read_text()), cfg, reused, out)
         else:
             row = _run_round(cfg, pool, truth, number, round_dir, use_ray, log, quiet_tools, trust_checkpoint)
-            write_json_atomic(done, row)
+            atomic.write_json(done, row)
         table.append(json.loads(done.read_text()))
         log(format_round(table[-1]))
         write_rounds_table(table, out)
@@ -111,7 +123,8 @@ def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, num
         spec = ModelSpec(checkpoint=str(scorer), trust_checkpoint=trust)
         scores = embed_pool(pool.shards, round_dir / "embeddings", spec, cfg.embed, use_ray=use_ray, log=log)
         decisions, cutoff = select_by_clip_score(pool.decisions, scores, cfg.clip_score)
-        decisions.to_parquet(round_dir / "decisions.parquet", index=False)
+        with atomic.replacing(round_dir / "decisions.parquet") as tmp:
+            decisions.to_parquet(tmp, index=False)
         shards_dir = round_dir / "shards"
         if not shards_dir.is_dir():
             write_pruned_shards(pool.shards, set(decisions.loc[decisions["kept"], "uid"]), shards_dir,
@@ -333,7 +346,7 @@ def format_round(row: dict) -> str:
 
 
 def write_rounds_table(table: list[dict], out: Path) -> None:
-    write_json_atomic(out / "rounds.json", {"rounds": table})
+    atomic.write_json(out / "rounds.json", {"rounds": table})
     import matplotlib
 
     matplotlib.use("Agg")

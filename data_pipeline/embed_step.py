@@ -73,6 +73,11 @@ def check_inputs(cfg: CurateConfig) -> None:
             raise EmbeddingInputError(f"{key}: folder not found: {folder}")
 
 
+def input_paths(cfg: CurateConfig) -> list[tuple[str, str]]:
+    """(config key, path) of everything the embed step reads: the model checkpoint and the reference folders."""
+    return [("embedding.model.checkpoint", cfg.embedding.model.checkpoint), *_reference_folders(cfg)]
+
+
 def _reference_folders(cfg: CurateConfig, kind: str | None = None) -> list[tuple[str, str]]:
     """(config key, folder) of the enabled stages' eval sets and seed sets (or only ``kind``'s)."""
     stages = cfg.embedding

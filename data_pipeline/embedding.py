@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from data_pipeline.config import EmbedConfig, ModelSpec
 from data_pipeline.ray_runtime import ensure_ray
-from data_pipeline.shards import write_json_atomic
 from data_pipeline.stages.embed import EmbedError, EmbedJob, embed_job, job_outputs
+from vlmtrain import atomic
+from vlmtrain.runlock import LOCK_FILE
 
 INDEX_FILE = "index.parquet"
 MODEL_FILE = "model.json"
@@ -134,7 +135,8 @@ def embed_pool(jobs: list[str] | list[EmbedJob], out_dir: str | Path, spec: Mode
     log(f"embed: {len(jobs)} job(s) embedded ({len(jobs) - len(pending)} from an earlier run) in {out}")
     index = pd.concat([pd.read_parquet(job_outputs(out, job)["index"]).assign(shard=Path(job.path).name)
                        for job in jobs], ignore_index=True)
-    index.to_parquet(out / INDEX_FILE, index=False)
+    with atomic.replacing(out / INDEX_FILE) as tmp:
+        index.to_parquet(tmp, index=False)
     return index
 
 
@@ -159,6 +161,8 @@ def _reset_if_other_model(out: Path, spec: ModelSpec, log: Callable[[str], None]
     stamp = out / MODEL_FILE
     if stamp.is_file() and json.loads(stamp.read_text()) != spec.describe():
         log(f"{out}: embeddings of another model found; starting over")
-        shutil.rmtree(out)
+        for path in out.iterdir():
+            if path.name != LOCK_FILE:  # the writer's lock stays: deleting it would let a second writer in
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stamp, spec.describe())
+    atomic.write_json(stamp, spec.describe())

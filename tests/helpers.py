@@ -46,3 +46,32 @@ def curate_config_args(sources: str, out: Path, *extra: str) -> list[str]:
 
 def webdataset_source(path: Path) -> str:
     return f"[{{format: webdataset, path: '{path}'}}]"
+
+
+def copy_shards(corpus_train: Path, into: Path, count: int = 2) -> Path:
+    """The first ``count`` generated shards, copied: a pool the test may change."""
+    into.mkdir(parents=True)
+    for shard in sorted(corpus_train.glob("*.tar"))[:count]:
+        (into / shard.name).write_bytes(shard.read_bytes())
+    return into
+
+
+def rewrite_captions_in_place(shard: Path, change) -> None:
+    """Rewrite ``shard`` in place with every caption passed through ``change`` (which must keep its length),
+    so the file keeps its name and size and only its content differs."""
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            data = tar.extractfile(info).read()
+            if info.name.endswith(".txt"):
+                data = change(data.decode()).encode()
+            members.append((info, data))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert shard.stat().st_size == size, "the rewrite must keep the shard's size"
