@@ -19,7 +19,9 @@ SOURCE_FORMATS = ("webdataset", "parquet", "jsonl")
 @dataclass
 class SourceConfig:
     """One input. ``path``: a directory, a file or a glob (webdataset ``*.tar``, img2dataset ``*.parquet``,
-    ``*.jsonl``). jsonl rows name their image relative to ``image_root`` (default: the jsonl's folder)."""
+    ``*.jsonl``). jsonl/parquet rows name their image relative to ``image_root`` (default: the jsonl's
+    folder); a path that leads outside it (absolute, ``..``, a symlink out) or to anything but a regular
+    file is a rejection reason, never read."""
     format: str = field(default="webdataset", metadata={"choices": SOURCE_FORMATS})
     path: str = field(default="", metadata={"required": True})
     name: str = ""  # label in decisions.parquet; default "<format>:<path>"
@@ -27,6 +29,10 @@ class SourceConfig:
     image_column: str = "image"  # parquet column with image bytes, or jsonl/parquet field with a path
     caption_column: str = "caption"
     url_column: str = "url"
+    # Larger tar members / image files are rejected unread (tar_member_too_large, image_file_too_large),
+    # so one hostile sample cannot exhaust a worker's memory.
+    max_member_bytes: int = field(default=128 << 20, metadata={"min": 1})
+    max_file_bytes: int = field(default=128 << 20, metadata={"min": 1})
 
     def label(self) -> str:
         return self.name or f"{self.format}:{self.path}"
