@@ -306,8 +306,10 @@ def _call(command: list[str], what: str, quiet: bool, log: Callable[[str], None]
 
 
 def round_train_overrides(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path) -> list[str]:
-    """What every round passes to vlm-train after ``--config train_config``."""
-    return [*cfg.train_overrides, f"data.train_shards={shards_dir}", f"output_dir={run_dir}", "resume=latest"]
+    """What every round passes to vlm-train after ``--config train_config``. Paths go as JSON strings (valid
+    YAML), so ``#``, ``: `` or quotes in them arrive literally."""
+    return [*cfg.train_overrides, f"data.train_shards={json.dumps(str(shards_dir))}",
+            f"output_dir={json.dumps(str(run_dir))}", "resume=latest"]
 
 
 def train(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path, quiet: bool, log: Callable[[str], None]) -> None:
