@@ -29,8 +29,8 @@ class SourceConfig:
     image_column: str = "image"  # parquet column with image bytes, or jsonl/parquet field with a path
     caption_column: str = "caption"
     url_column: str = "url"
-    # Larger tar members / image files are rejected unread (tar_member_too_large, image_file_too_large),
-    # so one hostile sample cannot exhaust a worker's memory.
+    # Larger tar members or jsonl lines / image files are rejected unread (tar_member_too_large,
+    # jsonl_line_too_large / image_file_too_large), so one hostile sample cannot exhaust a worker's memory.
     max_member_bytes: int = field(default=128 << 20, metadata={"min": 1})
     max_file_bytes: int = field(default=128 << 20, metadata={"min": 1})
 

@@ -202,8 +202,11 @@ def _image_column(columns: list[str], source: SourceConfig) -> str | None:
 def _read_jsonl(path: str, source: SourceConfig) -> Iterator[dict]:
     """One JSON object per line: ``{"image": "relative/path.jpg", "caption": ..., "url": ...}``."""
     root = _image_root(path, source)
-    with open(path, "rb") as lines:
-        for n, line in enumerate(lines):
+    with open(path, "rb") as handle:
+        for n, line in enumerate(_lines(handle, source.max_member_bytes)):
+            if line is None:
+                yield {"key": f"line-{n}", "read_error": "jsonl_line_too_large"}
+                continue
             if not line.strip():
                 continue
             try:
@@ -220,6 +223,17 @@ def _read_jsonl(path: str, source: SourceConfig) -> Iterator[dict]:
             if isinstance(image, str):
                 row.update(_image_file(root, image, source.max_file_bytes))
             yield row
+
+
+def _lines(handle, max_bytes: int) -> Iterator[bytes | None]:
+    """Each line of a binary file, or None for one longer than ``max_bytes`` (skipped in 1 MiB reads)."""
+    while line := handle.readline(max_bytes + 1):
+        if len(line) <= max_bytes:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = handle.readline(1 << 20)
+        yield None
 
 
 def _image_root(path: str, source: SourceConfig) -> Path:

@@ -1,7 +1,7 @@
 """Hostile curation inputs become rejection rows with a reason; the run exits 0 and kept + rejected = read.
 
 A jsonl pool whose rows point outside image_root (``..``, an absolute path, ``/dev/zero``), a line of
-JSON nested 100,000 deep and an image file over the byte cap; a webdataset shard with a deeply nested
+JSON nested 100,000 deep, an image file and a line over the byte caps; a webdataset shard with a deeply nested
 sidecar and a member over the byte cap. Images and captions are the generator's.
 """
 from __future__ import annotations
@@ -51,6 +51,7 @@ def hostile_pool(root: Path, corpus_train: Path) -> tuple[str, dict[str, str]]:
         {"key": "absolute", "image": str(root / "outside.jpg"), "caption": text},
         {"key": "devzero", "image": "/dev/zero", "caption": text},
         {"key": "huge", "image": "huge.jpg", "caption": text},
+        {"key": "long-line", "image": "good.jpg", "caption": "word " * MEMBER_CAP},
     ]
     (root / "pairs.jsonl").write_text("\n".join(line if isinstance(line, str) else json.dumps(line)
                                                 for line in lines) + "\n")
@@ -62,11 +63,13 @@ def hostile_pool(root: Path, corpus_train: Path) -> tuple[str, dict[str, str]]:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    sources = (f"[{{format: jsonl, path: '{root / 'pairs.jsonl'}', image_root: '{images}', max_file_bytes: {FILE_CAP}}}, "
-               f"{{format: webdataset, path: '{root / 'hostile.tar'}', max_member_bytes: {MEMBER_CAP}}}]")
+    caps = f"max_file_bytes: {FILE_CAP}, max_member_bytes: {MEMBER_CAP}"
+    sources = (f"[{{format: jsonl, path: '{root / 'pairs.jsonl'}', image_root: '{images}', {caps}}}, "
+               f"{{format: webdataset, path: '{root / 'hostile.tar'}', {caps}}}]")
     expected = {"line-0": "invalid_jsonl_line", "dotdot": "image_path_outside_root",
                 "absolute": "image_path_outside_root", "devzero": "image_path_outside_root",
-                "huge": "image_file_too_large", "nested": "invalid_json", "oversized": "tar_member_too_large"}
+                "huge": "image_file_too_large", "line-6": "jsonl_line_too_large",
+                "nested": "invalid_json", "oversized": "tar_member_too_large"}
     return sources, expected
 
 
@@ -79,7 +82,7 @@ def test_hostile_inputs_are_rejection_rows_with_reasons_and_the_run_succeeds(tmp
     decisions = pd.read_parquet(tmp_path / "out" / "decisions.parquet")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     rows = manifest["funnel"]["rows"]
-    assert len(decisions) == rows["read"] == 6 + 3
+    assert len(decisions) == rows["read"] == 7 + 3
     assert rows["kept"] + int((~decisions["kept"]).sum()) == rows["read"]
     reasons = dict(zip(decisions["key"], decisions["reason"]))
     assert {key: reasons[key] for key in expected} == expected

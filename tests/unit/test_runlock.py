@@ -2,6 +2,7 @@
 and the lock goes away with its holder, even one killed with SIGKILL."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import pytest
 from tests.conftest import REPO, cli_env
 from vlmtrain.runlock import DirectoryLockedError, RunLock
 
-HOLD = "from vlmtrain.runlock import RunLock; import sys, time; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
 TAKE = "from vlmtrain.runlock import RunLock; import sys; RunLock(sys.argv[1]).acquire()"
+HOLD = TAKE + "; print('held', flush=True); import time; time.sleep(600)"
 
 
 def python(code: str, *args: str, **kwargs) -> subprocess.Popen:
@@ -24,7 +25,7 @@ def test_a_second_process_fails_at_once_naming_the_holders_pid(tmp_path):
         other = python(TAKE, str(tmp_path / "out"), stderr=subprocess.PIPE)
         _, err = other.communicate(timeout=60)
     assert other.returncode != 0
-    assert "DirectoryLockedError" in err and f"pid {__import__('os').getpid()}: test holder" in err
+    assert "DirectoryLockedError" in err and f"pid {os.getpid()}: test holder" in err
 
 
 def test_the_lock_is_released_when_the_holder_is_killed(tmp_path):
