@@ -37,13 +37,17 @@ import pandas as pd
 
 from data_pipeline.config import BootstrapConfig, ModelSpec
 from data_pipeline.embedding import embed_pool
-from data_pipeline.shards import read_shard_members, write_json_atomic
+from data_pipeline.inputs import refuse_inputs_inside
+from data_pipeline.shards import read_shard_members
 from data_pipeline.stages.clip_score import select_by_clip_score
+from vlmtrain import atomic
+from vlmtrain.errors import UserError
+from vlmtrain.runlock import RunLock
 
 MISMATCHED, CLEAN = "mismatched_caption", "clean"
 
 
-class BootstrapError(RuntimeError):
+class BootstrapError(UserError):
     """The bootstrap cannot run: no finished pool, an empty pool, a failed training or eval."""
 
 
@@ -69,15 +73,26 @@ class Pool:
 
 
 def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
-                  log: Callable[[str], None] = print, quiet_tools: bool = False) -> list[dict]:
-    """Run rounds 0..rounds−1, resuming at the first unfinished one; return the rounds table."""
+                  log: Callable[[str], None] = print, quiet_tools: bool = False,
+                  trust_checkpoint: bool = False) -> list[dict]:
+    """Run rounds 0..rounds−1, resuming at the first unfinished one; return the rounds table.
+    ``trust_checkpoint``: load the scorers' DeepSpeed files fully (``--trust-checkpoint``)."""
     if rounds < 1:
         raise BootstrapError(f"--rounds must be at least 1 (round 0 trains the first scorer), got {rounds}")
+    out = Path(cfg.output_dir)
+    refuse_inputs_inside(out, [("pool", cfg.pool), ("round0_run", cfg.round0_run), ("train_config", cfg.train_config),
+                               ("ground_truth", cfg.ground_truth),
+                               *((f"eval_sets[{i}]", path) for i, path in enumerate(cfg.eval_sets))])
     pool = Pool.load(cfg.pool)
     reused = check_round0_run(cfg, pool) if cfg.round0_run else None
     truth = load_ground_truth(cfg.ground_truth) if cfg.ground_truth else None
+    with RunLock(out):
+        return _run_rounds(cfg, pool, reused, truth, rounds, use_ray, log, quiet_tools, trust_checkpoint)
+
+
+def _run_rounds(cfg: BootstrapConfig, pool: Pool, reused: dict | None, truth: pd.DataFrame | None, rounds: int,
+                use_ray: bool, log: Callable[[str], None], quiet_tools: bool, trust_checkpoint: bool) -> list[dict]:
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = []
     for number in range(rounds):
         round_dir = out / f"round-{number:02d}"
@@ -87,8 +102,8 @@ def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
             if number == 0:
                 _check_finished_round0(json.loads(done.read_text()), cfg, reused, out)
         else:
-            row = _run_round(cfg, pool, truth, number, round_dir, use_ray, log, quiet_tools)
-            write_json_atomic(done, row)
+            row = _run_round(cfg, pool, truth, number, round_dir, use_ray, log, quiet_tools, trust_checkpoint)
+            atomic.write_json(done, row)
         table.append(json.loads(done.read_text()))
         log(format_round(table[-1]))
         write_rounds_table(table, out)
@@ -96,7 +111,7 @@ def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
 
 
 def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, number: int, round_dir: Path,
-               use_ray: bool, log: Callable[[str], None], quiet: bool) -> dict:
+               use_ray: bool, log: Callable[[str], None], quiet: bool, trust: bool) -> dict:
     round_dir.mkdir(parents=True, exist_ok=True)
     row: dict = {"round": number, "scorer": None, "rule": None, "cutoff": None,
                  "pool_rows": int(pool.decisions["kept"].sum()),
@@ -106,10 +121,11 @@ def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, num
         decisions = pool.decisions
     else:
         scorer = round_run(cfg, number - 1)
-        spec = ModelSpec(checkpoint=str(scorer))
+        spec = ModelSpec(checkpoint=str(scorer), trust_checkpoint=trust)
         scores = embed_pool(pool.shards, round_dir / "embeddings", spec, cfg.embed, use_ray=use_ray, log=log)
         decisions, cutoff = select_by_clip_score(pool.decisions, scores, cfg.clip_score)
-        decisions.to_parquet(round_dir / "decisions.parquet", index=False)
+        with atomic.replacing(round_dir / "decisions.parquet") as tmp:
+            decisions.to_parquet(tmp, index=False)
         shards_dir = round_dir / "shards"
         if not shards_dir.is_dir():
             write_pruned_shards(pool.shards, set(decisions.loc[decisions["kept"], "uid"]), shards_dir,
@@ -125,7 +141,7 @@ def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, num
         train(cfg, shards_dir, run_dir, quiet, log)
     row["checkpoint"] = str(run_dir / "final")
     row["train_summary"] = json.loads((run_dir / "train_summary.json").read_text())
-    row["zero_shot"] = evaluate(cfg, run_dir, round_dir / "eval.json", quiet, log) if cfg.eval_sets else {}
+    row["zero_shot"] = evaluate(cfg, run_dir, round_dir / "eval.json", quiet, log, trust) if cfg.eval_sets else {}
     return row
 
 
@@ -292,8 +308,10 @@ def _call(command: list[str], what: str, quiet: bool, log: Callable[[str], None]
 
 
 def round_train_overrides(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path) -> list[str]:
-    """What every round passes to vlm-train after ``--config train_config``."""
-    return [*cfg.train_overrides, f"data.train_shards={shards_dir}", f"output_dir={run_dir}", "resume=latest"]
+    """What every round passes to vlm-train after ``--config train_config``. Paths go as JSON strings (valid
+    YAML), so ``#``, ``: `` or quotes in them arrive literally."""
+    return [*cfg.train_overrides, f"data.train_shards={json.dumps(str(shards_dir))}",
+            f"output_dir={json.dumps(str(run_dir))}", "resume=latest"]
 
 
 def train(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path, quiet: bool, log: Callable[[str], None]) -> None:
@@ -304,10 +322,11 @@ def train(cfg: BootstrapConfig, shards_dir: Path, run_dir: Path, quiet: bool, lo
            *round_train_overrides(cfg, shards_dir, run_dir)], "train", quiet, log)
 
 
-def evaluate(cfg: BootstrapConfig, run_dir: Path, out: Path, quiet: bool, log: Callable[[str], None]) -> dict:
+def evaluate(cfg: BootstrapConfig, run_dir: Path, out: Path, quiet: bool, log: Callable[[str], None],
+             trust: bool = False) -> dict:
     """vlm-eval zero-shot → {"<dataset>/<metric>": value}."""
     _call([_tool("vlm-eval"), "zeroshot", "--checkpoint", str(run_dir), "--data", *cfg.eval_sets,
-           "--out", str(out), "--no-progress"], "eval", quiet, log)
+           "--out", str(out), "--no-progress", *(["--trust-checkpoint"] if trust else [])], "eval", quiet, log)
     return {f"{record['dataset']}/{name}": value for record in json.loads(out.read_text())
             for name, value in record["metrics"].items() if not name.startswith("num_")}
 
@@ -331,7 +350,7 @@ def format_round(row: dict) -> str:
 
 
 def write_rounds_table(table: list[dict], out: Path) -> None:
-    write_json_atomic(out / "rounds.json", {"rounds": table})
+    atomic.write_json(out / "rounds.json", {"rounds": table})
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline.config import ConfigError, load_curate_config
-from data_pipeline.sources import SourceError
+from data_pipeline.config import load_curate_config
+from vlmtrain.errors import UserError
 
 EPILOG = """\
 commands:
@@ -75,6 +75,7 @@ def _add_embed_parser(commands) -> None:
     model.add_argument("--checkpoint", help="a vlm-train run, export or DeepSpeed checkpoint")
     model.add_argument("--model", help="an open_clip model name (with --pretrained FILE) or local-dir:DIR")
     embed.add_argument("--pretrained", default="", help="local weights file for --model")
+    _add_trust_flag(embed)
     embed.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     embed.add_argument("--workers", type=int, default=2, help="model actors (default 2)")
     embed.add_argument("--cpus-per-worker", type=float, default=0.5,
@@ -95,6 +96,14 @@ def _add_bootstrap_parser(commands) -> None:
     bootstrap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
     bootstrap.add_argument("--rounds", type=int, default=2, help="rounds including round 0 (default 2)")
     bootstrap.add_argument("--no-ray", action="store_true", help="embed in this process (debugging)")
+    _add_trust_flag(bootstrap)
+
+
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle the DeepSpeed checkpoint files of the scoring model fully, which can run code "
+                             "stored in them: only for checkpoints you wrote (by default only tensors and "
+                             "DeepSpeed's own types load)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,57 +113,57 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra  # overrides after --rounds (argparse has already closed the positional list)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return _run_command(args)
+    except UserError as err:  # the project's user-error types; anything else is a bug: its traceback shows
+        print(f"vlm-curate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command in ("embed", "bootstrap"):
         return _scoring_main(args)
-    try:
-        if args.command == "report":
-            from data_pipeline.report import write_report
+    if args.command == "report":
+        from data_pipeline.report import write_report
 
-            page = write_report(args.out)
-            print(f"report: {page}")
-            return 0
-        cfg = load_curate_config(args.config, args.overrides)
-        from data_pipeline.pipeline import STEPS, PipelineError, run
+        print(f"report: {write_report(args.out)}")
+        return 0
+    from data_pipeline.pipeline import STEPS, run
 
-        steps = STEPS if args.command == "run" else (args.command,)
-        manifest = run(cfg, steps, ray_address=args.ray_address, use_ray=not args.no_ray)
-    except (ConfigError, SourceError, FileNotFoundError, ValueError) as err:
-        print(f"vlm-curate: error: {err}", file=sys.stderr)
-        return 2
-    except PipelineError as err:
-        print(f"vlm-curate: error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_curate_config(args.config, args.overrides)
+    steps = STEPS if args.command == "run" else (args.command,)
+    manifest = run(cfg, steps, ray_address=args.ray_address, use_ray=not args.no_ray)
     if manifest is not None:
         print(format_funnel(manifest["funnel"]))
     return 0
 
 
 def _scoring_main(args: argparse.Namespace) -> int:
-    """``embed`` and ``bootstrap``: user mistakes end in one error line and exit code 2."""
-    from vlmtrain.errors import CheckpointError
+    """``embed`` and ``bootstrap``."""
+    from vlmtrain.runlock import RunLock
 
-    from data_pipeline.bootstrap import BootstrapError, run_bootstrap
-    from data_pipeline.config import EmbedConfig, load_bootstrap_config
+    from data_pipeline.bootstrap import run_bootstrap
+    from data_pipeline.config import EmbedConfig, ModelSpec, load_bootstrap_config
     from data_pipeline.embedding import embed_pool
-    from data_pipeline.config import ModelSpec
+    from data_pipeline.inputs import refuse_inputs_inside
     from data_pipeline.stages.embed import EmbedError
 
-    try:
-        if args.command == "bootstrap":
-            run_bootstrap(load_bootstrap_config(args.config, args.overrides), args.rounds, use_ray=not args.no_ray)
-            return 0
-        if not args.shards.is_dir():
-            raise EmbedError(f"shards folder not found: {args.shards}")
-        spec = ModelSpec(checkpoint=args.checkpoint or "", open_clip_model=args.model or "", pretrained=args.pretrained)
-        cfg = EmbedConfig(batch_size=args.batch_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+    if args.command == "bootstrap":
+        run_bootstrap(load_bootstrap_config(args.config, args.overrides), args.rounds, use_ray=not args.no_ray,
+                      trust_checkpoint=args.trust_checkpoint)
+        return 0
+    if not args.shards.is_dir():
+        raise EmbedError(f"shards folder not found: {args.shards}")
+    refuse_inputs_inside(args.out, [("SHARDS", args.shards), ("--checkpoint", args.checkpoint or "")])
+    spec = ModelSpec(checkpoint=args.checkpoint or "", open_clip_model=args.model or "", pretrained=args.pretrained,
+                     trust_checkpoint=args.trust_checkpoint)
+    cfg = EmbedConfig(batch_size=args.batch_size, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+    with RunLock(args.out):
         index = embed_pool(sorted(str(p) for p in args.shards.glob("*.tar")), args.out, spec, cfg,
                            use_ray=not args.no_ray)
-        print(f"clip_score over {len(index)} samples: mean {index['clip_score'].mean():.4f}, "
-              f"median {index['clip_score'].median():.4f}")
-        return 0
-    except (ConfigError, BootstrapError, EmbedError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"vlm-curate: error: {err}", file=sys.stderr)
-        return 2
+    print(f"clip_score over {len(index)} samples: mean {index['clip_score'].mean():.4f}, "
+          f"median {index['clip_score'].median():.4f}")
+    return 0
 
 
 def format_funnel(funnel: dict) -> str:

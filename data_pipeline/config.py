@@ -20,7 +20,9 @@ SOURCE_FORMATS = ("webdataset", "parquet", "jsonl")
 @dataclass
 class SourceConfig:
     """One input. ``path``: a directory, a file or a glob (webdataset ``*.tar``, img2dataset ``*.parquet``,
-    ``*.jsonl``). jsonl rows name their image relative to ``image_root`` (default: the jsonl's folder)."""
+    ``*.jsonl``). jsonl/parquet rows name their image relative to ``image_root`` (default: the jsonl's
+    folder); a path that leads outside it (absolute, ``..``, a symlink out) or to anything but a regular
+    file is a rejection reason, never read."""
     format: str = field(default="webdataset", metadata={"choices": SOURCE_FORMATS})
     path: str = field(default="", metadata={"required": True})
     name: str = ""  # label in decisions.parquet; default "<format>:<path>"
@@ -28,6 +30,10 @@ class SourceConfig:
     image_column: str = "image"  # parquet column with image bytes, or jsonl/parquet field with a path
     caption_column: str = "caption"
     url_column: str = "url"
+    # Larger tar members or jsonl lines / image files are rejected unread (tar_member_too_large,
+    # jsonl_line_too_large / image_file_too_large), so one hostile sample cannot exhaust a worker's memory.
+    max_member_bytes: int = field(default=128 << 20, metadata={"min": 1})
+    max_file_bytes: int = field(default=128 << 20, metadata={"min": 1})
 
     def label(self) -> str:
         return self.name or f"{self.format}:{self.path}"
@@ -172,6 +178,8 @@ class ModelSpec:
     checkpoint: str = ""
     open_clip_model: str = ""
     pretrained: str = ""
+    # Unpickle the checkpoint's DeepSpeed files fully (can run code): only for checkpoints you wrote.
+    trust_checkpoint: bool = False
 
     def is_set(self) -> bool:
         return bool(self.checkpoint or self.open_clip_model)
@@ -180,10 +188,11 @@ class ModelSpec:
         from vlmtrain.eval.checkpoints import load_eval_model
 
         if self.checkpoint:
-            return load_eval_model(self.checkpoint)
+            return load_eval_model(self.checkpoint, trust_checkpoint=self.trust_checkpoint)
         return load_eval_model(model=self.open_clip_model, pretrained=self.pretrained or None)
 
     def describe(self) -> dict:
+        """Which model it is (what embeddings are stamped with); how it is loaded is left out."""
         return {"checkpoint": self.checkpoint, "open_clip_model": self.open_clip_model,
                 "pretrained": self.pretrained}
 

@@ -25,13 +25,14 @@ import pandas as pd
 from data_pipeline.config import CurateConfig
 from data_pipeline.embedding import EmbedWorkers, embed_pool
 from data_pipeline.stages.embed import EmbedJob, folder_jobs, job_outputs
+from vlmtrain.errors import UserError
 
 
 class EmbeddingsMissing(RuntimeError):
     """The write step needs embeddings the embed step has not produced (yet)."""
 
 
-class EmbeddingInputError(ValueError):
+class EmbeddingInputError(UserError):
     """The model checkpoint or an eval/seed folder is missing, or a folder holds no images; names the
     config key and the path."""
 
@@ -71,6 +72,11 @@ def check_inputs(cfg: CurateConfig) -> None:
     for key, folder in _reference_folders(cfg):
         if not Path(folder).is_dir():
             raise EmbeddingInputError(f"{key}: folder not found: {folder}")
+
+
+def input_paths(cfg: CurateConfig) -> list[tuple[str, str]]:
+    """(config key, path) of everything the embed step reads: the model checkpoint and the reference folders."""
+    return [("embedding.model.checkpoint", cfg.embedding.model.checkpoint), *_reference_folders(cfg)]
 
 
 def _reference_folders(cfg: CurateConfig, kind: str | None = None) -> list[tuple[str, str]]:

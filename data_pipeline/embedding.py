@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,8 +26,9 @@ from tqdm import tqdm
 
 from data_pipeline.config import EmbedConfig, ModelSpec
 from data_pipeline.ray_runtime import ensure_ray
-from data_pipeline.shards import write_json_atomic
 from data_pipeline.stages.embed import EmbedError, EmbedJob, embed_job, job_outputs
+from vlmtrain import atomic
+from vlmtrain.runlock import LOCK_FILE
 
 INDEX_FILE = "index.parquet"
 MODEL_FILE = "model.json"
@@ -37,13 +39,20 @@ class JobEmbedder:
 
     def __init__(self, spec: dict, batch_size: int, threads: int):
         import torch
+        from vlmtrain.errors import CheckpointError
 
         torch.set_num_threads(threads)
-        self.loaded = ModelSpec(**spec).load()
         self.batch_size = batch_size
+        self.loaded, self.load_error = None, None
+        try:
+            self.loaded = ModelSpec(**spec).load()
+        except CheckpointError as err:  # reported by embed(): Ray would bury it in an actor-died error
+            self.load_error = str(err)
 
     def embed(self, job: str, out_dir: str) -> dict:
-        """The job's summary, or the bad sample's message (Ray would bury the exception in its own)."""
+        """The job's summary, or the bad sample's (or model's) message (Ray would bury the exception in its own)."""
+        if self.load_error:
+            return {"error": self.load_error}
         try:
             return embed_job(EmbedJob.from_json(job), self.loaded, Path(out_dir), self.batch_size)
         except EmbedError as err:
@@ -68,7 +77,7 @@ class EmbedWorkers:
     def run(self, jobs: list[EmbedJob], out: Path) -> Iterator[dict]:
         """Each job's summary as it finishes (in completion order)."""
         if not self.use_ray:
-            self.local = self.local or JobEmbedder(self.spec.describe(), self.cfg.batch_size,
+            self.local = self.local or JobEmbedder(asdict(self.spec), self.cfg.batch_size,
                                                    self.cfg.threads_per_worker)
             for job in jobs:
                 yield self.local.embed(job.to_json(), str(out))
@@ -85,7 +94,7 @@ class EmbedWorkers:
         self.started_ray = ensure_ray(self.cfg.num_cpus) or self.started_ray
         # Fractional CPUs: the actors share a small machine with the curation's own Ray tasks.
         remote = ray.remote(num_cpus=self.cfg.cpus_per_worker)(JobEmbedder)
-        args = (self.spec.describe(), self.cfg.batch_size, self.cfg.threads_per_worker)
+        args = (asdict(self.spec), self.cfg.batch_size, self.cfg.threads_per_worker)
         self.actors += [remote.remote(*args) for _ in range(wanted - len(self.actors))]
 
     def close(self) -> None:
@@ -126,7 +135,8 @@ def embed_pool(jobs: list[str] | list[EmbedJob], out_dir: str | Path, spec: Mode
     log(f"embed: {len(jobs)} job(s) embedded ({len(jobs) - len(pending)} from an earlier run) in {out}")
     index = pd.concat([pd.read_parquet(job_outputs(out, job)["index"]).assign(shard=Path(job.path).name)
                        for job in jobs], ignore_index=True)
-    index.to_parquet(out / INDEX_FILE, index=False)
+    with atomic.replacing(out / INDEX_FILE) as tmp:
+        index.to_parquet(tmp, index=False)
     return index
 
 
@@ -151,6 +161,8 @@ def _reset_if_other_model(out: Path, spec: ModelSpec, log: Callable[[str], None]
     stamp = out / MODEL_FILE
     if stamp.is_file() and json.loads(stamp.read_text()) != spec.describe():
         log(f"{out}: embeddings of another model found; starting over")
-        shutil.rmtree(out)
+        for path in out.iterdir():
+            if path.name != LOCK_FILE:  # the writer's lock stays: deleting it would let a second writer in
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stamp, spec.describe())
+    atomic.write_json(stamp, spec.describe())

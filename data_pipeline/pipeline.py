@@ -33,25 +33,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_pipeline import embed_step
+from data_pipeline import embed_step, inputs
 from data_pipeline.config import CurateConfig, to_dict
 from data_pipeline.ray_runtime import ensure_ray
 from data_pipeline.select import decide, eligible_for_dedup, funnel
 from data_pipeline.select_embeddings import funnel_stages, select_by_embeddings
-from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_json_atomic, write_shard
+from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
 from data_pipeline.stages.decode import validate
 from data_pipeline.stages.dedup import find_duplicates
 from data_pipeline.stages.near_duplicates import serial_map
 from data_pipeline.stages.heuristics import Heuristics
+from vlmtrain import atomic
+from vlmtrain.errors import UserError
+from vlmtrain.runlock import RunLock
 
 STEPS = ("score", "dedup", "embed", "write")
 # Raw bytes the later steps never need: a 1 MB caption must not travel further than the decoder.
 _DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
 _METADATA_EXCLUDED = {"image", "image_out", "thumbnail"}
+STAMP_VERSION = 2  # .work/fingerprint.json: version 1 compared names and sizes only
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError):
     """A step cannot run (e.g. the step before it has not run yet)."""
 
 
@@ -65,10 +69,8 @@ def score_part(part: Part, cfg: CurateConfig, heuristics: Heuristics, parts_dir:
                for start in range(0, max(len(raw), 1), cfg.batch_rows)]
     scored = pd.concat(batches, ignore_index=True).drop(columns=_DROPPED_AFTER_SCORING)
     scored.insert(0, "part_id", part.part_id)
-    path = parts_dir / f"{part.part_id}.parquet"
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(parts_dir / f"{part.part_id}.parquet") as tmp:
+        pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
     reasons = scored["reason_validate"].fillna(scored["reason_heuristics"]).dropna()
     return {"part_id": part.part_id, "rows": len(scored), "rejected": dict(Counter(reasons))}
 
@@ -171,20 +173,29 @@ class Run:
         self.decisions = self.out / "decisions.parquet"
         self.manifest = self.out / "manifest.json"
         self.parts = list_parts(cfg.sources)
+        self.inputs: list[dict] = []  # path, size, sha256 and cheap key of each part: set by prepare()
 
     def prepare(self, log: Callable[[str], None]) -> None:
-        """Start over when the inputs or the stage settings differ from the run found on disk."""
-        stamp = {"stages": self.cfg.stage_fingerprint(),
-                 "parts": [[p.part_id, os.path.getsize(p.path)] for p in self.parts]}
+        """Start over when the inputs' contents or the stage settings differ from the run found on disk;
+        fail when an input file that run read is gone (restoring it, or starting over, is the user's call)."""
         stamp_file = self.work / "fingerprint.json"
-        if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
+        old = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
+        previous = old["inputs"] if old and old.get("version") == STAMP_VERSION else []
+        gone = [entry["path"] for entry in previous if not os.path.exists(entry["path"])]
+        if gone:
+            raise PipelineError(f"{len(gone)} input file(s) read by the earlier run in {self.out} are gone "
+                                f"(first: {gone[0]}); restore them, or delete {self.out} to start over without them")
+        self.inputs = inputs.fingerprint([p.path for p in self.parts], previous)
+        stamp = {"version": STAMP_VERSION, "stages": self.cfg.stage_fingerprint(), "inputs": self.inputs}
+        if old is not None and (old.get("version") != STAMP_VERSION or old["stages"] != stamp["stages"]
+                                or inputs.content(previous) != inputs.content(self.inputs)):
             log(f"{self.out}: inputs or settings changed since the last run; starting over")
             shutil.rmtree(self.work)
             shutil.rmtree(self.shards_dir, ignore_errors=True)
             for path in (self.decisions, self.manifest):
                 path.unlink(missing_ok=True)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(stamp_file, stamp)
+        atomic.write_json(stamp_file, stamp)
 
     def missing_parts(self) -> list[Part]:
         return [p for p in self.parts if not (self.parts_dir / f"{p.part_id}.parquet").is_file()]
@@ -206,13 +217,23 @@ class Run:
 
 def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None = None,
         use_ray: bool = True, log: Callable[[str], None] = print) -> dict | None:
-    """Run the given steps (skipping finished work); return the manifest when the write step ran."""
+    """Run the given steps (skipping finished work); return the manifest when the write step ran.
+    Inputs are checked before anything is written, and the output directory is held for this run."""
     started = time.perf_counter()
     if cfg.embedding.model.is_set():
         embed_step.check_inputs(cfg)  # a mistyped folder fails now, not after scoring the pool
     state = Run(cfg)
-    state.prepare(log)
-    steps = list(steps)
+    inputs.refuse_inputs_inside(state.out, [
+        *((f"sources[{p.source_index}].path", p.path) for p in state.parts),
+        *((f"sources[{i}].image_root", s.image_root) for i, s in enumerate(cfg.sources)),
+        *(embed_step.input_paths(cfg) if cfg.embedding.model.is_set() else [])])
+    with RunLock(state.out):
+        state.prepare(log)
+        return _run_steps(cfg, state, list(steps), ray_address, use_ray, log, started)
+
+
+def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str | None, use_ray: bool,
+               log: Callable[[str], None], started: float) -> dict | None:
     executor = None
 
     def executor_started():  # Ray starts once, when the first step needs it
@@ -267,9 +288,10 @@ def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None
             "funnel": funnel(decisions, later_stages),
             "shards": infos,
             "decisions": {"path": state.decisions.name, "sha256": file_sha256(state.decisions)},
+            "inputs": [{k: entry[k] for k in ("path", "size", "sha256")} for entry in state.inputs],
             "config": to_dict(cfg),
         }
-        write_json_atomic(state.manifest, manifest)
+        atomic.write_json(state.manifest, manifest)
         log(f"write: {manifest['funnel']['rows']['kept']} of {len(decisions)} rows kept in {len(infos)} "
             f"shard(s) under {state.shards_dir} ({time.perf_counter() - started:.1f} s)")
         return manifest
@@ -309,12 +331,9 @@ def _reset_shards_if_replanned(state: Run, plans: list[ShardPlan]) -> None:
     if not plan_file.is_file():
         for stale in state.shards_dir.glob("*.tar*"):
             stale.unlink()
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan))
-        os.replace(tmp, plan_file)
+        atomic.write_json(plan_file, plan)
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from data_pipeline.pipeline import PipelineError  # noqa: E402
 from data_pipeline.stages.decode import THUMBNAIL_SIDE  # noqa: E402
 
 EXAMPLES_PER_REASON = 8
@@ -23,7 +24,7 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     manifest_file = out / "manifest.json"
     if not manifest_file.is_file():
-        raise FileNotFoundError(f"{manifest_file} not found: run `vlm-curate run` for {out} first")
+        raise PipelineError(f"{manifest_file} not found: run `vlm-curate run` for {out} first")
     manifest = json.loads(manifest_file.read_text())
     decisions = pd.read_parquet(out / "decisions.parquet")
     report = out / "report"

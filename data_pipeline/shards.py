@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Iterator
 
 import pandas as pd
 import pyarrow.parquet as pq
+
+from vlmtrain import atomic
 
 SHARD_COLUMNS = ["uid", "image", "image_out", "image_out_ext", "caption", "source", "file", "key", "sha256",
                  "width", "height", "url"]
@@ -59,14 +60,12 @@ def write_shard(plan: ShardPlan, parts_dir: Path, out_dir: Path) -> dict:
     """Write one shard (skipped when a complete one exists) and return name, samples, bytes, sha256."""
     path = out_dir / plan.name
     if not path.exists():
-        tmp = path.with_suffix(".tar.tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with atomic.replacing(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for part_id, uids in plan.members.items():
                 rows = pq.read_table(parts_dir / f"{part_id}.parquet", columns=SHARD_COLUMNS).to_pandas()
                 rows = rows.set_index("uid").loc[uids]
                 for uid, row in rows.iterrows():
                     _add_sample(tar, uid, _sample(uid, row))
-        os.replace(tmp, path)
     return {"name": plan.name, "samples": sum(len(u) for u in plan.members.values()),
             "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
@@ -98,9 +97,3 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)

@@ -10,7 +10,8 @@ Columns of a raw batch (one row per sample, nothing dropped):
   json_raw     metadata bytes (webdataset json sidecar), or None
   url          the sample's URL when the format carries one in a column
   read_error   why reading this sample failed (truncated tar, duplicate key, bad jsonl line, ...)
-Readers never raise on bad content: what cannot be read becomes a row with a read_error.
+Readers never raise on bad content: what cannot be read becomes a row with a read_error (an
+oversized member or image file, an image path leading outside image_root, JSON nested too deep).
 A tar cut off inside a header yields the samples before it; the cut is reported per file.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from data_pipeline.config import SourceConfig
+from vlmtrain.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt", "caption")
@@ -35,7 +39,7 @@ RAW_COLUMNS = ("uid", "source", "file", "key", "image", "image_ext", "sha256", "
 _SUFFIXES = {"webdataset": ".tar", "parquet": ".parquet", "jsonl": ".jsonl"}
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source that names no readable files (wrong path, empty directory)."""
 
 
@@ -96,8 +100,8 @@ def _uid(source: str, file: str, key: str, occurrence: int) -> str:
 def _read_tar(path: str, source: SourceConfig) -> Iterator[dict]:
     """Group consecutive tar members by key (webdataset: name up to the first dot of the basename)."""
     current: dict | None = None
-    for name, data, error in _tar_members(path):
-        if error is not None:
+    for name, data, error in _tar_members(path, source.max_member_bytes):
+        if error is not None and error != MEMBER_TOO_LARGE:
             cut_key = _split_name(name)[0] if name is not None else None
             if current is not None and cut_key not in (None, current["key"]):
                 yield current  # complete: the cut member starts the next sample
@@ -115,7 +119,9 @@ def _read_tar(path: str, source: SourceConfig) -> Iterator[dict]:
         if current is None:
             current = {"key": key, "_exts": set()}
         current["_exts"].add(ext)
-        if ext in IMAGE_EXTS and current.get("image") is None:
+        if error is not None:  # an oversized member rejects its sample; the next samples are read
+            current["read_error"] = error
+        elif ext in IMAGE_EXTS and current.get("image") is None:
             current["image"], current["image_ext"] = data, ext
         elif ext in CAPTION_EXTS and current.get("caption_raw") is None:
             current["caption_raw"] = data
@@ -131,8 +137,12 @@ def _split_name(name: str) -> tuple[str, str, str]:
     return (f"{folder}/{stem}" if folder else stem), dot, ext
 
 
-def _tar_members(path: str) -> Iterator[tuple[str | None, bytes | None, str | None]]:
-    """(name, bytes, None) per regular file; a final (name or None, None, reason) if the tar is cut."""
+MEMBER_TOO_LARGE = "tar_member_too_large"
+
+
+def _tar_members(path: str, max_bytes: int) -> Iterator[tuple[str | None, bytes | None, str | None]]:
+    """(name, bytes, None) per regular file, (name, None, MEMBER_TOO_LARGE) for one larger than
+    ``max_bytes`` (skipped unread); a final (name or None, None, reason) if the tar is cut."""
     try:
         archive = tarfile.open(path, mode="r:")
     except (tarfile.TarError, OSError) as err:
@@ -148,6 +158,9 @@ def _tar_members(path: str) -> Iterator[tuple[str | None, bytes | None, str | No
             if member is None:
                 return
             if not member.isfile():
+                continue
+            if member.size > max_bytes:
+                yield member.name, None, MEMBER_TOO_LARGE
                 continue
             try:
                 data = archive.extractfile(member).read()
@@ -166,7 +179,7 @@ def _read_parquet(path: str, source: SourceConfig) -> Iterator[dict]:
     """img2dataset's parquet output: image bytes in a column (``jpg``), or a path to an image file."""
     table = pq.read_table(path)
     image_column = _image_column(table.column_names, source)
-    root = Path(source.image_root) if source.image_root else Path(path).parent
+    root = _image_root(path, source)
     for n, record in enumerate(table.to_pylist()):
         key = str(record.get("key") or n)
         row = {"key": key, "url": _str_or_none(record.get(source.url_column))}
@@ -174,7 +187,7 @@ def _read_parquet(path: str, source: SourceConfig) -> Iterator[dict]:
         row["caption_raw"] = caption.encode() if isinstance(caption, str) else caption
         value = record.get(image_column) if image_column else None
         if isinstance(value, str):
-            row.update(_image_file(root / value))
+            row.update(_image_file(root, value, source.max_file_bytes))
         else:
             row["image"], row["image_ext"] = value, image_column
         yield row
@@ -189,16 +202,19 @@ def _image_column(columns: list[str], source: SourceConfig) -> str | None:
 
 def _read_jsonl(path: str, source: SourceConfig) -> Iterator[dict]:
     """One JSON object per line: ``{"image": "relative/path.jpg", "caption": ..., "url": ...}``."""
-    root = Path(source.image_root) if source.image_root else Path(path).parent
-    with open(path, "rb") as lines:
-        for n, line in enumerate(lines):
+    root = _image_root(path, source)
+    with open(path, "rb") as handle:
+        for n, line in enumerate(_lines(handle, source.max_member_bytes)):
+            if line is None:
+                yield {"key": f"line-{n}", "read_error": "jsonl_line_too_large"}
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: hostile nesting ([[[[...]]]])
                 yield {"key": f"line-{n}", "read_error": "invalid_jsonl_line"}
                 continue
             row = {"key": str(record.get("key") or f"line-{n}"), "url": _str_or_none(record.get(source.url_column))}
@@ -206,15 +222,48 @@ def _read_jsonl(path: str, source: SourceConfig) -> Iterator[dict]:
             row["caption_raw"] = caption.encode() if isinstance(caption, str) else None
             image = record.get(source.image_column)
             if isinstance(image, str):
-                row.update(_image_file(root / image))
+                row.update(_image_file(root, image, source.max_file_bytes))
             yield row
 
 
-def _image_file(path: Path) -> dict:
+def _lines(handle, max_bytes: int) -> Iterator[bytes | None]:
+    """Each line of a binary file, or None for one longer than ``max_bytes`` (skipped in 1 MiB reads)."""
+    while line := handle.readline(max_bytes + 1):
+        if len(line) <= max_bytes:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = handle.readline(1 << 20)
+        yield None
+
+
+def _image_root(path: str, source: SourceConfig) -> Path:
+    return Path(source.image_root or Path(path).parent).resolve()
+
+
+def _image_file(root: Path, name: str, max_bytes: int) -> dict:
+    """The image bytes of ``root/name``, or why not: only regular files under ``root`` (resolved, so
+    ``..``, absolute paths and symlinks cannot lead out) and at most ``max_bytes`` are read."""
     try:
-        return {"image": path.read_bytes(), "image_ext": path.suffix.lstrip(".").lower()}
-    except OSError:
+        path = (root / name).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+        return {"read_error": "image_path_invalid"}
+    if not path.is_relative_to(root):
+        return {"read_error": "image_path_outside_root"}
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it changes nothing for regular files.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return {"read_error": "image_not_a_regular_file"}
+            data = handle.read(max_bytes + 1)
+    except FileNotFoundError:
         return {"read_error": "image_file_not_found"}
+    except (OSError, ValueError):
+        return {"read_error": "image_file_unreadable"}
+    if len(data) > max_bytes:
+        return {"read_error": "image_file_too_large"}
+    return {"image": data, "image_ext": Path(name).suffix.lstrip(".").lower()}
 
 
 def _str_or_none(value) -> str | None:

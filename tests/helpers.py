@@ -1,6 +1,15 @@
-"""Helpers shared by the tests: model configs and models the tests build themselves."""
+"""Helpers shared by the tests: model configs and models the tests build themselves, hostile inputs,
+and small real runs."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from tests.conftest import REPO
+from vlmtrain.configlib import to_dict
 from vlmtrain.models.registry import get_spec
 
 CLIP_SPEC = get_spec("clip")
@@ -41,3 +50,64 @@ def measure_memory(out_dir, overrides: list[str], nproc: int = 2) -> list[dict]:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+class _CreatesFile:
+    """Unpickling this runs a shell command: what a hostile checkpoint file could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def write_hostile_run(run: Path, marker: Path) -> Path:
+    """A vlm-train run directory whose ZeRO-0 checkpoint holds real weights plus a pickle that creates
+    ``marker`` when unpickled fully: loading it the trusting way would work, and run the command."""
+    tag_dir = run / "checkpoints" / "step_0000001"
+    tag_dir.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": to_dict(TINY_CLIP)}))
+    (run / "checkpoints" / "latest").write_text(tag_dir.name)
+    torch.save({"module": build_clip(TINY_CLIP).state_dict(), "client_state": _CreatesFile(marker)},
+               tag_dir / "mp_rank_00_model_states.pt")
+    return run
+
+
+def curate_config_args(sources: str, out: Path, *extra: str) -> list[str]:
+    """``vlm-curate run`` arguments: the demo config over ``sources`` (a YAML list) into ``out``, quiet."""
+    return [str(REPO / "configs" / "curate" / "demo.yaml"), f"output_dir={out}", f"sources={sources}",
+            "progress=false", *extra]
+
+
+def webdataset_source(path: Path) -> str:
+    return f"[{{format: webdataset, path: '{path}'}}]"
+
+
+def copy_shards(corpus_train: Path, into: Path, count: int = 2) -> Path:
+    """The first ``count`` generated shards, copied: a pool the test may change."""
+    into.mkdir(parents=True)
+    for shard in sorted(corpus_train.glob("*.tar"))[:count]:
+        (into / shard.name).write_bytes(shard.read_bytes())
+    return into
+
+
+def rewrite_captions_in_place(shard: Path, change) -> None:
+    """Rewrite ``shard`` in place with every caption passed through ``change`` (which must keep its length),
+    so the file keeps its name and size and only its content differs."""
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            data = tar.extractfile(info).read()
+            if info.name.endswith(".txt"):
+                data = change(data.decode()).encode()
+            members.append((info, data))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert shard.stat().st_size == size, "the rewrite must keep the shard's size"

@@ -191,6 +191,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser, classification: bool) -
     source.add_argument("--model", help="an open_clip model name (with --pretrained FILE) or local-dir:DIR")
     parser.add_argument("--pretrained", help="local weights file for --model")
     parser.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the newest, from 'latest')")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle DeepSpeed checkpoint files fully, which can run code stored in them: only "
+                             "for checkpoints you wrote (by default only tensors and DeepSpeed's own types load)")
     parser.add_argument("--data", required=True, nargs="+", help="eval sets, or directories holding several")
     if classification:
         parser.add_argument("--classnames", help="class names: .txt/.json file or built-in name (imagenet)")
@@ -232,7 +235,8 @@ def eval_main(argv: list[str] | None = None) -> None:
         eval_sets = resolve_eval_sets(args.data, RETRIEVAL if args.command == "retrieval" else None, **options)
         evaluate_and_report(eval_sets, checkpoint=args.checkpoint, tag=args.tag, model=args.model,
                             pretrained=args.pretrained, out=args.out, batch_size=args.batch_size,
-                            progress=not args.no_progress, device=args.device)
+                            progress=not args.no_progress, device=args.device,
+                            trust_checkpoint=args.trust_checkpoint)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def read_yaml_with_overrides(path: str | Path | None, overrides: Sequence[str] =
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (so 1e-3, true, [1,2])."""
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (so 1e-3, true, [1,2]), unless
+    YAML would drop part of the text (``output_dir=/runs/exp #2`` reads as ``/runs/exp``: a comment):
+    then the whole text is the value, a string, which a key of another type refuses."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -60,7 +62,12 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(text) if text else ""
+    try:
+        parsed = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        parsed = None  # not YAML at all (an unbalanced quote or bracket): the text as it is
+    whole = parsed is not None and parsed.end_mark.index >= len(text.rstrip())
+    node[leaf] = yaml.safe_load(text) if whole else text
 
 
 def deep_merge(base: dict, top: dict) -> dict:

@@ -86,13 +86,16 @@ def check_enough_shards(cfg: DataConfig, sources: list[list[str]], dp_size: int)
 
 
 def data_fingerprint(cfg: DataConfig, sources: list[list[str]]) -> str:
-    """Hash of what the data is (shard names, sizes, weights, order options), for resume checks."""
+    """Hash of what the data is (shard names, weights, order options, and each shard's size, mtime_ns and
+    inode, so a shard rewritten at the same size counts as changed), for resume checks. The shards are
+    not read: hashing a large pool's content at every start would cost minutes."""
     digest = hashlib.sha256()
     weights = [s.weight for s in cfg.source_list()]
     digest.update(repr((cfg.resample, cfg.shuffle_buffer, weights)).encode())
     for shards in sources:
         for shard in shards:
-            digest.update(f"{Path(shard).name}:{os.path.getsize(shard)};".encode())
+            st = os.stat(shard)
+            digest.update(f"{Path(shard).name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino};".encode())
     return digest.hexdigest()[:16]
 
 

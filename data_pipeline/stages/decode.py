@@ -124,7 +124,7 @@ def parse_metadata(raw: bytes | None) -> tuple[dict, str | None]:
         return {}, None
     try:
         meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: hostile nesting ([[[[...]]]])
         return {}, "invalid_json"
     return (meta, None) if isinstance(meta, dict) else ({}, "invalid_json")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,13 +30,15 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline.shards import read_shard_members
+from vlmtrain import atomic
+from vlmtrain.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 FILES_PER_JOB = 1000  # image files of a folder embedded (and resumed) together
 
 
-class EmbedError(ValueError):
+class EmbedError(UserError):
     """A sample cannot be embedded (no image, undecodable image, no caption); names its file and key."""
 
 
@@ -216,9 +217,8 @@ def embed_job(job: EmbedJob, loaded, out_dir: Path, batch_size: int) -> dict:
         _save_npy(outputs["text"], np.concatenate(texts) if texts else np.zeros((0, dim)))
         columns["clip_score"] = np.concatenate(scores).astype(np.float32) if scores else np.zeros(0, np.float32)
     index = pd.DataFrame(columns)
-    tmp = outputs["index"].with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pandas(index, preserve_index=False), tmp)
-    os.replace(tmp, outputs["index"])
+    with atomic.replacing(outputs["index"]) as tmp:  # written last: it marks the job finished
+        pq.write_table(pa.Table.from_pandas(index, preserve_index=False), tmp)
     return {"job": job.name, "rows": len(samples)}
 
 
@@ -230,6 +230,5 @@ def _where(job: EmbedJob, sample: Sample) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array.astype(np.float16))
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as handle:  # np.save(path) would append .npy
+        np.save(handle, array.astype(np.float16))

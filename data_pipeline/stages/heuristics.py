@@ -13,7 +13,7 @@ import unicodedata
 import numpy as np
 import pandas as pd
 
-from data_pipeline.config import HeuristicsConfig
+from data_pipeline.config import ConfigError, HeuristicsConfig
 
 RULES = ("caption_chars", "caption_words", "image_side", "aspect_ratio", "image_bytes", "language",
          "repeated_words", "symbols", "caption_blocklist", "url_blocklist")
@@ -45,9 +45,9 @@ class LanguageIdentifier:
             try:
                 languages.append(Language.from_iso_code_639_1(getattr(IsoCode639_1, code.upper())))
             except AttributeError:
-                raise ValueError(f"heuristics.language_candidates: unknown ISO 639-1 code {code!r}") from None
+                raise ConfigError(f"heuristics.language_candidates: unknown ISO 639-1 code {code!r}") from None
         if len(languages) < 2:
-            raise ValueError("heuristics.language_candidates needs at least two languages")
+            raise ConfigError("heuristics.language_candidates needs at least two languages")
         self._detector = LanguageDetectorBuilder.from_languages(*languages).build()
 
     def __call__(self, text: str) -> tuple[str, float]:

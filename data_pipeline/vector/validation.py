@@ -10,8 +10,10 @@ import warnings
 
 import numpy as np
 
+from vlmtrain.errors import UserError
 
-class VectorInputError(ValueError):
+
+class VectorInputError(UserError):
     """Unusable input to a vector stage; ``argument`` names the offending parameter."""
 
     def __init__(self, argument: str, reason: str):

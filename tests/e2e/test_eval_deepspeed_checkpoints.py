@@ -1,4 +1,4 @@
-"""Real DeepSpeed checkpoints (ZeRO 0, 2, 3; one gloo rank) load for evaluation with the weights
+"""Real DeepSpeed checkpoints (ZeRO 0-3; one gloo rank) load for evaluation with the weights
 the engine held when it saved them."""
 import json
 import os
@@ -14,7 +14,7 @@ from vlmtrain.eval.checkpoints import load_eval_model
 from tests.helpers import TINY_CLIP as TINY
 
 pytestmark = pytest.mark.e2e
-STAGES = (0, 2, 3)
+STAGES = (0, 1, 2, 3)
 
 
 def save_checkpoints(rank: int, port: int, out_dir: str) -> None:

@@ -87,16 +87,15 @@ def bad_input_dir(tmp_path_factory) -> Path:
     data = truncated.read_bytes()
     truncated.write_bytes(data[: int(len(data) * 0.6)])
 
-    (root / "parquet").mkdir()
-    (root / "images").mkdir()
-    (root / "images" / "p1.png").write_bytes(encode(noise_image(31), "PNG"))
+    (root / "parquet" / "images").mkdir(parents=True)  # image paths are read under the parquet's folder
+    (root / "parquet" / "images" / "p1.png").write_bytes(encode(noise_image(31), "PNG"))
     pq.write_table(pa.table({
         "key": ["p0", "p1", "p2"],
         "caption": [CAPTIONS[3], CAPTIONS[4], CAPTIONS[5]],
         "url": ["https://example.com/p0.jpg", "https://example.com/p1.png", "https://example.com/p2.jpg"],
         "jpg": [encode(noise_image(30), "JPEG"), None, b"\x00\x01 not an image"],
     }), root / "parquet" / "part-000.parquet")
-    pq.write_table(pa.table({"key": ["q0"], "caption": [CAPTIONS[6]], "image_path": ["../images/p1.png"]}),
+    pq.write_table(pa.table({"key": ["q0"], "caption": [CAPTIONS[6]], "image_path": ["images/p1.png"]}),
                    root / "parquet" / "part-001.parquet")
 
     (root / "jsonl").mkdir()

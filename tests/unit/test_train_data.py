@@ -1,6 +1,7 @@
 """The training loader: a deterministic order, an exact resume from its cursor, weighted source
 mixing, shard resampling, and corrupt samples skipped and counted."""
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tests.helpers import loader_inputs
+from tests.helpers import loader_inputs, rewrite_captions_in_place
 from vlmtrain.config import DataConfig, SourceConfig
 from vlmtrain.data import build_train_loader, data_fingerprint, resolve_sources
 from vlmtrain.errors import DataError
@@ -102,4 +103,13 @@ def test_the_fingerprint_changes_when_a_shard_changes(tmp_path):
     cfg = DataConfig(train_shards=str(data))
     before = data_fingerprint(cfg, resolve_sources(cfg))
     write_shards(tmp_path / "d", "d", shards=1, per_shard=40)  # shard 0 rewritten, 10× the samples
+    assert data_fingerprint(cfg, resolve_sources(cfg)) != before
+
+
+def test_the_fingerprint_changes_when_a_shard_is_rewritten_at_the_same_size(tmp_path):
+    data = write_shards(tmp_path / "d", "d", shards=2, per_shard=4)
+    cfg = DataConfig(train_shards=str(data))
+    before = data_fingerprint(cfg, resolve_sources(cfg))
+    time.sleep(0.05)  # file times tick every few ms; a real rewrite comes long after the run began
+    rewrite_captions_in_place(data / "d-000.tar", str.upper)
     assert data_fingerprint(cfg, resolve_sources(cfg)) != before

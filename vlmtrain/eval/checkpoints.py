@@ -6,8 +6,9 @@ Three kinds:
 - **a DeepSpeed checkpoint** of a vlm-train run: the run directory, ``RUN/checkpoints`` (the tag in
   its ``latest`` file, DeepSpeed's convention) or one tag directory ``RUN/checkpoints/<tag>``. The
   model config comes from ``<tag>/vlmtrain_state.json`` (key ``config``) or ``RUN/config.json``.
-  ZeRO 1-3 weights are consolidated from the optimizer partitions (DeepSpeed's ``zero_to_fp32``);
-  ZeRO 0 keeps them whole in ``mp_rank_00_model_states.pt``;
+  ZeRO 1-3 weights are consolidated from the optimizer partitions (``zero_weights``, DeepSpeed's merge);
+  ZeRO 0 keeps them whole in ``mp_rank_00_model_states.pt``. Every file is read without unpickling
+  arbitrary objects (``vlmtrain.safe_load``) unless ``trust_checkpoint`` (``--trust-checkpoint``);
 - **an open_clip model**: a model name plus a local ``pretrained`` weights file, or
   ``local-dir:/path`` (a folder with ``open_clip_config.json`` and the weights). It is evaluated
   as it is: open_clip models have ``encode_image``/``encode_text`` too.
@@ -16,23 +17,18 @@ A run directory with an export is loaded from the export unless a DeepSpeed ``ta
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from vlmtrain.checkpoint import EXPORT_DIR, find_export, load_exported
 from vlmtrain.errors import CheckpointError, ConfigError
+from vlmtrain.eval.zero_weights import zero_fp32_state_dict
 from vlmtrain.models.registry import load_model_config, spec_of
-
-logger = logging.getLogger(__name__)
+from vlmtrain.safe_load import load_checkpoint_file
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -56,14 +52,16 @@ class EvalModel:
 
 
 def load_eval_model(checkpoint: str | Path | None = None, *, tag: str | None = None, model: str | None = None,
-                    pretrained: str | None = None, device: str | torch.device = "cpu") -> EvalModel:
-    """Load ``checkpoint`` (ours) or ``model`` + ``pretrained`` (open_clip), in eval mode on ``device``."""
+                    pretrained: str | None = None, device: str | torch.device = "cpu",
+                    trust_checkpoint: bool = False) -> EvalModel:
+    """Load ``checkpoint`` (ours) or ``model`` + ``pretrained`` (open_clip), in eval mode on ``device``.
+    ``trust_checkpoint``: unpickle DeepSpeed files fully (can run code: only for checkpoints you wrote)."""
     if (checkpoint is None) == (model is None):
         raise CheckpointError("give either a checkpoint path (ours) or an open_clip model name, not both or neither")
     if model is not None:
         loaded = _load_open_clip(model, pretrained)
     else:
-        loaded = _load_ours(Path(checkpoint), tag)
+        loaded = _load_ours(Path(checkpoint), tag, trust_checkpoint)
     loaded.model.to(device).eval()
     return loaded
 
@@ -76,7 +74,7 @@ def _ours(model: torch.nn.Module, model_cfg, name: str, source: str) -> EvalMode
     return EvalModel(model, spec.tokenizer(model_cfg), spec.image_transform(model_cfg, False), name, source)
 
 
-def _load_ours(path: Path, tag: str | None) -> EvalModel:
+def _load_ours(path: Path, tag: str | None, trust: bool = False) -> EvalModel:
     if not path.exists():
         raise CheckpointError(f"checkpoint path does not exist: {path}")
     if tag is None and _has_export(path):
@@ -84,7 +82,7 @@ def _load_ours(path: Path, tag: str | None) -> EvalModel:
         return _ours(model, model_cfg, str(path), "export")
     root, tag = _deepspeed_root_and_tag(path, tag)
     model_cfg = _deepspeed_model_config(root, tag)
-    state = _deepspeed_state_dict(root, tag)
+    state = _deepspeed_state_dict(root, tag, trust)
     model = spec_of(model_cfg).build(model_cfg)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -144,34 +142,14 @@ def _deepspeed_model_config(root: Path, tag: str):
                           f"(key 'config') or {candidates[1][0]} (written by vlm-train)")
 
 
-def _deepspeed_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+def _deepspeed_state_dict(root: Path, tag: str, trust: bool) -> dict[str, torch.Tensor]:
     tag_dir = root / tag
     if any(tag_dir.glob(OPTIM_STATES_GLOB)):  # ZeRO 1-3: fp32 weights live in the optimizer partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress; keep our stdout a table
-                return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"cannot consolidate ZeRO checkpoint {tag_dir}: {type(err).__name__}: {err}") from None
-    states = _load_trusted(tag_dir / ZERO0_MODEL_STATES)
-    if "module" not in states:
+        return zero_fp32_state_dict(tag_dir, trust)
+    states = load_checkpoint_file(tag_dir / ZERO0_MODEL_STATES, trust=trust)
+    if not isinstance(states, dict) or "module" not in states:
         raise CheckpointError(f"{tag_dir / ZERO0_MODEL_STATES} has no 'module' entry (not a DeepSpeed model state)")
     return states["module"]
-
-
-def _load_trusted(path: Path) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only``; DeepSpeed may pickle objects beyond tensors, so a file
-    that needs full unpickling is loaded that way with a warning (only load checkpoints you wrote)."""
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}: a DeepSpeed ZeRO-0 checkpoint keeps the model there")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        logger.warning("%s holds more than tensors; unpickling it fully (trust only your own checkpoints)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise CheckpointError(f"unreadable {path}: {type(err).__name__}: {err}") from None
 
 
 # ---------------------------------------------------------------- open_clip

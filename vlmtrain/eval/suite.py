@@ -134,13 +134,14 @@ def evaluate_all(model: Any, tokenizer: Callable, transform: Callable,
 
 def evaluate_and_report(eval_sets: Sequence[EvalSet], *, checkpoint: str | None, tag: str | None, model: str | None,
                         pretrained: str | None, out: str | Path | None, batch_size: int, progress: bool,
-                        device: str | None) -> list[dict]:
+                        device: str | None, trust_checkpoint: bool = False) -> list[dict]:
     """Load a model (any kind ``load_eval_model`` takes), evaluate it on ``eval_sets``, print the
     table, and write the JSON and confusion PNGs to ``out`` when given. What the eval CLIs run."""
     from vlmtrain.eval.checkpoints import load_eval_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_eval_model(checkpoint, tag=tag, model=model, pretrained=pretrained, device=device)
+    loaded = load_eval_model(checkpoint, tag=tag, model=model, pretrained=pretrained, device=device,
+                             trust_checkpoint=trust_checkpoint)
     records = evaluate_all(loaded.model, loaded.tokenizer, loaded.transform, eval_sets, model_name=loaded.name,
                            batch_size=batch_size, progress=progress, device=device)
     print(format_table(records))
