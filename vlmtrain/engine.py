@@ -66,6 +66,11 @@ def train(cfg: TrainConfig) -> dict:
     model = spec.build(cfg.model)
     if cfg.init_from and not resume:
         model.load_state_dict(checkpoint.load_initial_weights(cfg.init_from, cfg.model))
+    loss_fn = spec.build_loss(cfg.model, groups.dp)
+    if dims.pp > 1:  # this rank's stage; the loss runs inside the pipeline, on the last stage
+        from vlmtrain.distributed import pipeline
+
+        model = pipeline.split(spec, model, loss_fn, dims)
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -79,7 +84,6 @@ def train(cfg: TrainConfig) -> dict:
 
     batches = build_train_loader(cfg.data, spec.image_transform(cfg.model, True), spec.tokenizer(cfg.model),
                                  dp_rank=groups.dp_rank, dp_size=dims.dp, seed=cfg.seed, cursor=cursor)
-    loss_fn = spec.build_loss(cfg.model, groups.dp)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     meter = ThroughputMeter(flops_per_sample=count_flops_per_sample(spec, cfg.model),
                             peak_tflops=device_peak_tflops(cfg.metrics.peak_tflops), dp_size=dims.dp)
@@ -101,7 +105,10 @@ def train(cfg: TrainConfig) -> dict:
     record, step = {}, start_step
     while step < cfg.steps:
         step += 1
-        result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps)
+        if dims.pp > 1:
+            result = pipeline.train_step(engine, batches, dtype, cfg.optim.grad_accum_steps)
+        else:
+            result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps)
         bounds.apply()
         meter.add(result, first=step == start_step + 1)
         if key_log:
