@@ -78,7 +78,9 @@ def test_losses_and_final_weights_match_the_unpipelined_run(runs, pipelined, ref
 def test_clipping_and_the_logit_scale_clamp_act_on_the_stages_that_hold_them(runs, run):
     records = metrics(runs[run])
     assert max(r["grad_norm"] for r in records) > CLIP_AT
-    assert [r["logit_scale"] for r in records] == pytest.approx([100.0] * STEPS, abs=1e-3)
+    scales = [r["logit_scale"] for r in records]
+    assert scales[0] == pytest.approx(100.0, abs=1e-3)  # clamped from e^5 ≈ 148 by the first step
+    assert max(scales) <= 100.0 + 1e-3
 
 
 def test_resume_at_two_stages_is_exact(runs):
