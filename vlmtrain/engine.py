@@ -22,6 +22,7 @@ from vlmtrain import checkpoint
 from vlmtrain.config import TrainConfig
 from vlmtrain.configlib import to_dict
 from vlmtrain.data import build_train_loader, data_fingerprint, resolve_sources
+from vlmtrain.distributed import universal
 from vlmtrain.distributed.collectives import all_gather_objects, sum_over
 from vlmtrain.distributed.deepspeed_config import build_deepspeed_config
 from vlmtrain.distributed.env import discover
@@ -73,8 +74,13 @@ def train(cfg: TrainConfig) -> dict:
         model = pipeline.split(spec, model, loss_fn, dims)
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    ds_config = build_deepspeed_config(cfg, dims, spec.tp_plan)
+    if resume and resume.sidecar.get("parallel", layout_of(dims)) != layout_of(dims):
+        # the one layout change check_resumable lets through: a pipelined checkpoint, resumed unsplit
+        resume = universal.unsplit(resume, spec, cfg.model, run_dir, dims)
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+                                           config=ds_config)
     start_step, cursor = 0, None
     if resume:
         checkpoint.load_training_state(engine, resume)
@@ -342,7 +348,8 @@ def logged_parameters(module: torch.nn.Module, spec: ModelSpec) -> dict[str, flo
 
 
 def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerprint: str) -> None:
-    """An exact resume needs the same model, optimizer, seed, layout and data as the checkpoint."""
+    """An exact resume needs the same model, optimizer, seed, layout and data as the checkpoint; the
+    one layout change allowed is a pipelined checkpoint resumed unsplit (see ``universal.can_unsplit``)."""
     saved, now = sidecar["config"], to_dict(cfg)
     changed = [key for key in RESUME_INVARIANTS if saved.get(key) != now[key]]
     for key in ("batch_size", "workers"):
@@ -351,7 +358,7 @@ def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerp
     if changed:
         raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
     saved_layout = sidecar.get("parallel", {"dp": sidecar["world_size"], "tp": 1, "pp": 1})
-    if saved_layout != layout_of(dims):
+    if saved_layout != layout_of(dims) and not universal.can_unsplit(saved_layout, layout_of(dims), cfg.zero_stage):
         export_hint = Path(cfg.output_dir) / checkpoint.EXPORT_DIR
         raise CheckpointError(
             f"cannot resume: the checkpoint was written at {_describe(saved_layout)}, this run is "

@@ -1,8 +1,8 @@
 """Pipeline parallelism (parallel.pp) is the same optimization as no pipeline: with fp32, one seed and
 one data order, 2 micro-batches per step and clipping on, 5 steps give the same per-step losses and
 final weights (1e-5) as the unpipelined run of the same micro-batches, alone and with data
-parallelism. Its checkpoints resume exactly at the same layout; at another layout they are refused,
-pointing at the export. Its export is the unsplit CLIP, which open_clip loads.
+parallelism. Its checkpoints resume exactly at the same layout and, through DeepSpeed's universal
+checkpoint, without the pipeline. Its export is the unsplit CLIP, which open_clip loads.
 
 The logit scale starts above its bound (e^5 > 100): the clamp must reach the last stage, which holds it.
 """
@@ -19,8 +19,12 @@ import torch.nn.functional as F
 from tests.conftest import run_tool
 from tests.helpers import (assert_same_weights, exported_weights, keys_per_step, kill_while_writing, losses,
                           metrics)
-from vlmtrain.checkpoint import load_exported
+from vlmtrain.checkpoint import find_resume_point, load_exported
+from vlmtrain.config import TrainConfig
+from vlmtrain.configlib import from_dict
 from vlmtrain.distributed.pipeline import source_names
+from vlmtrain.engine import check_resumable
+from vlmtrain.errors import CheckpointError
 from vlmtrain.models.clip.spec import SPEC
 
 pytestmark = pytest.mark.dist
@@ -60,7 +64,8 @@ def runs(small_corpus, tmp_path_factory):
     out["latest_after_kill"] = (checkpoints / "latest").read_text()
     train(small_corpus, resumed, 2, "parallel.pp=2", "resume=latest")
 
-    out["pp1_resume"] = run_tool(*train_command(small_corpus, out["pp2"], 1, "resume=latest"))
+    out["pp1_from_pp2"] = train(small_corpus, mktemp("pp1_from_pp2"), 1,
+                                f"resume={out['pp2'] / 'checkpoints' / 'step_0000002'}")
     return out
 
 
@@ -97,14 +102,27 @@ def test_resume_at_two_stages_is_exact(runs):
     assert all(keys[0, step] == keys[1, step] for step in range(1, STEPS + 1))
 
 
-def test_a_two_stage_checkpoint_is_refused_at_one_stage_with_the_way_forward(runs):
-    """DeepSpeed's universal checkpoint converts a pipeline checkpoint, but under the pipeline's layer
-    names ("5.block.attn.q_proj.weight"), which the unpipelined model does not have: refused."""
-    result = runs["pp1_resume"]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "cannot resume: the checkpoint was written at dp=1 × tp=1 × pp=2, this run is dp=1 × tp=1 × pp=1" \
-        in result.stderr
-    assert f"init_from=<an export of that run, e.g. {runs['pp2'] / 'final'}>" in result.stderr
+def test_a_two_stage_checkpoint_resumes_exactly_at_one_stage(runs):
+    """Through DeepSpeed's universal checkpoint, renamed from the pipeline's layer names to CLIP's."""
+    straight, resumed = losses(runs["pp2"]), losses(runs["pp1_from_pp2"])
+    assert sorted(resumed) == list(range(3, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], abs=TOLERANCE), f"step {step}"
+    assert_same_weights(exported_weights(runs["pp1_from_pp2"]), exported_weights(runs["pp2"]), atol=TOLERANCE)
+    # It read on from the checkpoint's data cursor: the samples the two-stage run trained on next.
+    assert keys_per_step(runs["pp1_from_pp2"], ranks=(0,)) == {
+        (rank, step): keys for (rank, step), keys in keys_per_step(runs["pp2"]).items() if rank == 0 and step > 2}
+
+
+def test_a_two_stage_checkpoint_is_refused_on_other_data_parallel_ranks(runs):
+    """The data cursors belong to the data-parallel ranks: dp=1 cannot continue as dp=2."""
+    point = find_resume_point("latest", runs["pp2"])
+    raw = dict(point.sidecar["config"], model=SPEC.load(point.sidecar["config"]["model"]))
+    cfg = from_dict(TrainConfig, raw)
+    with pytest.raises(CheckpointError) as refused:
+        check_resumable(point.sidecar, cfg, cfg.parallel_dims(2), point.sidecar["data_fingerprint"])
+    assert "written at dp=1 × tp=1 × pp=2, this run is dp=2 × tp=1 × pp=1" in str(refused.value)
+    assert "init_from=<an export of that run" in str(refused.value)
 
 
 @torch.no_grad()
