@@ -117,7 +117,7 @@ def test_a_two_stage_checkpoint_resumes_exactly_at_one_stage(runs):
 def test_a_two_stage_checkpoint_is_refused_on_other_data_parallel_ranks(runs):
     """The data cursors belong to the data-parallel ranks: dp=1 cannot continue as dp=2."""
     point = find_resume_point("latest", runs["pp2"])
-    raw = dict(point.sidecar["config"], model=SPEC.load(point.sidecar["config"]["model"]))
+    raw = dict(point.sidecar["config"], model=SPEC.load(point.sidecar["config"]["model"]), parallel={"pp": 1})
     cfg = from_dict(TrainConfig, raw)
     with pytest.raises(CheckpointError) as refused:
         check_resumable(point.sidecar, cfg, cfg.parallel_dims(2), point.sidecar["data_fingerprint"])
