@@ -4,7 +4,8 @@ full model's weights gathered from the stages.
 The family's ``pipeline_layers`` split a built model into layers that pass tuples of tensors; the
 stages get equal numbers of the ``*Block`` layers (transformer blocks dominate compute; balancing by
 parameters would give CLIP's token embedding a stage of its own). Every rank builds the whole model
-from the run's seed, so the weights equal a non-pipelined run's, and keeps its stage's layers.
+from the run's seed, so the weights equal a non-pipelined run's, and moves its stage's layers to the
+device (DeepSpeed keeps the other stages' layers referenced, in host memory: fine at CLIP sizes).
 
 One step is ``PipelineEngine.train_batch``: ``grad_accum_steps`` micro-batches through DeepSpeed's
 1F1B schedule, then one optimizer step. Every rank of a replica reads the same micro-batches from
@@ -58,8 +59,9 @@ class StagedModel(PipelineModule):
 
     def __init__(self, model: nn.Module, layers: list[nn.Module], loss_fn: RecordedLoss, dims: ParallelDims):
         names = source_names(model, layers)
-        super().__init__(layers, topology=PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp),
-                         loss_fn=loss_fn, partition_method=PARTITION_METHOD)
+        # The topology's rank order is ParallelDims': rank = (stage * dp + dp_rank) * tp + tp_rank.
+        topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+        super().__init__(layers, topology=topology, loss_fn=loss_fn, partition_method=PARTITION_METHOD)
         self.source_names = names[self._local_start:self._local_stop]
 
     def source_state_dict(self) -> dict[str, torch.Tensor]:
