@@ -1,14 +1,20 @@
 """Helpers shared by the tests: model configs and models the tests build themselves, hostile inputs,
-and small real runs."""
+small real runs, and killing or reading vlm-train runs."""
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import torch
+from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_env
 from vlmtrain.configlib import to_dict
 from vlmtrain.models.registry import get_spec
 
@@ -36,11 +42,6 @@ def loader_inputs(image_size: int = 16, context_length: int = 8) -> tuple:
 
 def measure_memory(out_dir, overrides: list[str], nproc: int = 2) -> list[dict]:
     """Per-rank bytes by component of a real DeepSpeed run (``tools/measure_memory.py`` on gloo)."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO, cli_env
     from vlmtrain.distributed.env import free_port
 
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -111,3 +112,66 @@ def rewrite_captions_in_place(shard: Path, change) -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     assert shard.stat().st_size == size, "the rewrite must keep the shard's size"
+
+
+# ---------------------------------------------------------------- vlm-train runs
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a node failure or OOM kill would.
+
+    (torchrun starts its workers in sessions of their own, so a process-group kill misses them.)"""
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+
+
+def kill_while_writing(command: list[str], checkpoints: Path, tag: str, timeout: float = 600) -> bool:
+    """Start the run; SIGKILL its whole process tree once `tag` is being written.
+
+    Returns whether the kill landed while the checkpoint was still in the staging area."""
+    process = subprocess.Popen(command, cwd=REPO, env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = checkpoints / ".staging" / tag
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if staging.is_dir() and any(staging.iterdir()):
+                kill_tree(process.pid)
+                return not (checkpoints / tag).exists()
+            time.sleep(0.001)
+        raise AssertionError(f"the run ended (code {process.returncode}) before writing {tag}")
+    finally:
+        if process.poll() is None:
+            kill_tree(process.pid)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir)}
+
+
+def keys_per_step(run_dir: Path, ranks=(0, 1)) -> dict[tuple[int, int], list[str]]:
+    """The sample keys each rank trained on, by (rank, step); a step logged twice fails."""
+    steps = {}
+    for rank in ranks:
+        for line in (run_dir / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            assert (rank, record["step"]) not in steps, f"step {record['step']} logged twice"
+            steps[rank, record["step"]] = record["keys"]
+    return steps
+
+
+def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=0, msg=name)

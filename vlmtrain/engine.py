@@ -22,6 +22,7 @@ from vlmtrain import checkpoint
 from vlmtrain.config import TrainConfig
 from vlmtrain.configlib import to_dict
 from vlmtrain.data import build_train_loader, data_fingerprint, resolve_sources
+from vlmtrain.distributed import universal
 from vlmtrain.distributed.collectives import all_gather_objects, sum_over
 from vlmtrain.distributed.deepspeed_config import build_deepspeed_config, trainer_clips_gradients
 from vlmtrain.distributed.env import discover
@@ -70,10 +71,20 @@ def train(cfg: TrainConfig) -> dict:
     model = spec.build(cfg.model)
     if cfg.init_from and not resume:
         model.load_state_dict(checkpoint.load_initial_weights(cfg.init_from, cfg.model))
+    loss_fn = spec.build_loss(cfg.model, groups.dp)
+    if dims.pp > 1:  # this rank's stage; the loss runs inside the pipeline, on the last stage
+        from vlmtrain.distributed import pipeline
+
+        model = pipeline.split(spec, model, loss_fn, dims)
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    ds_config = build_deepspeed_config(cfg, dims, spec.tp_plan)
+    if resume and resume.sidecar.get("parallel", layout_of(dims)) != layout_of(dims):
+        # the one layout change check_resumable lets through: a pipelined checkpoint, resumed unsplit
+        resume = universal.unsplit(resume, spec, cfg.model, run_dir, dims)
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+                                           config=ds_config)
     if dims.dp == 1 and cfg.zero_stage == 0:
         # One replica without ZeRO: DeepSpeed would still flatten, "all-reduce" and copy back every
         # gradient. (ZeRO 1/2 reduce their gradient partitions on this path: it stays on for them.)
@@ -88,7 +99,6 @@ def train(cfg: TrainConfig) -> dict:
 
     batches = build_train_loader(cfg.data, spec.image_transform(cfg.model, True), spec.tokenizer(cfg.model),
                                  dp_rank=groups.dp_rank, dp_size=dims.dp, seed=cfg.seed, cursor=cursor)
-    loss_fn = spec.build_loss(cfg.model, groups.dp)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     meter = ThroughputMeter(flops_per_sample=count_flops_per_sample(spec, cfg.model),
                             peak_tflops=device_peak_tflops(cfg.metrics.peak_tflops), dp_size=dims.dp)
@@ -110,7 +120,10 @@ def train(cfg: TrainConfig) -> dict:
     record, step = {}, start_step
     while step < cfg.steps:
         step += 1
-        result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps, clipper)
+        if dims.pp > 1:
+            result = pipeline.train_step(engine, batches, dtype, cfg.optim.grad_accum_steps)
+        else:
+            result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps, clipper)
         bounds.apply()
         meter.add(result, first=step == start_step + 1)
         if key_log:
@@ -364,7 +377,8 @@ def logged_parameters(module: torch.nn.Module, spec: ModelSpec) -> dict[str, flo
 
 
 def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerprint: str) -> None:
-    """An exact resume needs the same model, optimizer, seed, layout and data as the checkpoint."""
+    """An exact resume needs the same model, optimizer, seed, layout and data as the checkpoint; the
+    one layout change allowed is a pipelined checkpoint resumed unsplit (see ``universal.can_unsplit``)."""
     saved, now = sidecar["config"], to_dict(cfg)
     changed = [key for key in RESUME_INVARIANTS if saved.get(key) != now[key]]
     for key in ("batch_size", "workers"):
@@ -373,7 +387,7 @@ def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerp
     if changed:
         raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
     saved_layout = sidecar.get("parallel", {"dp": sidecar["world_size"], "tp": 1, "pp": 1})
-    if saved_layout != layout_of(dims):
+    if saved_layout != layout_of(dims) and not universal.can_unsplit(saved_layout, layout_of(dims), cfg.zero_stage):
         export_hint = Path(cfg.output_dir) / checkpoint.EXPORT_DIR
         raise CheckpointError(
             f"cannot resume: the checkpoint was written at {_describe(saved_layout)}, this run is "

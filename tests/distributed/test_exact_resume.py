@@ -1,19 +1,15 @@
 """A run killed with SIGKILL while it writes a checkpoint resumes from `latest` exactly: the same
 per-step losses after the resume point, the same final weights, the same samples trained on."""
 import collections
-import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, cli_env, run_tool
+from tests.conftest import run_tool
+from tests.helpers import keys_per_step, kill_while_writing, losses
 
 pytestmark = pytest.mark.dist
 
@@ -26,51 +22,6 @@ def train_command(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
             f"steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2", "data.record_keys=true",
             "data.workers=2", "data.batch_size=8", "data.shuffle_buffer=32", "log_every=1",
             "optim.warmup_steps=2", "metrics.tensorboard=false", "progress=false", *extra]
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once, as a node failure or OOM kill would.
-
-    (torchrun starts its workers in sessions of their own, so a process-group kill misses them.)"""
-    root = psutil.Process(pid)
-    processes = [root, *root.children(recursive=True)]
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
-
-
-def kill_while_writing(command: list[str], checkpoints: Path, tag: str, timeout: float = 600) -> bool:
-    """Start the run; SIGKILL its whole process tree once `tag` is being written.
-
-    Returns whether the kill landed while the checkpoint was still in the staging area."""
-    process = subprocess.Popen(command, cwd=REPO, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staging = checkpoints / ".staging" / tag
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if staging.is_dir() and any(staging.iterdir()):
-                kill_tree(process.pid)
-                return not (checkpoints / tag).exists()
-            time.sleep(0.001)
-        raise AssertionError(f"the run ended (code {process.returncode}) before writing {tag}")
-    finally:
-        if process.poll() is None:
-            kill_tree(process.pid)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-
-
-def keys_per_step(run_dir: Path) -> dict[tuple[int, int], list[str]]:
-    steps = {}
-    for rank in (0, 1):
-        for line in (run_dir / "sample_keys" / f"rank{rank}.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            assert (rank, record["step"]) not in steps, f"step {record['step']} logged twice"
-            steps[rank, record["step"]] = record["keys"]
-    return steps
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,12 @@ def full_state_dict(engine, dims: ParallelDims) -> dict[str, torch.Tensor]:
     """Collective: the full model's state dict (fp32, CPU) on every rank, in the family's own key names."""
     import deepspeed
 
-    if dims.tp > 1 or dims.pp > 1:
-        raise NotImplementedError("gathering tensor/pipeline shards")
+    if dims.pp > 1:
+        from vlmtrain.distributed import pipeline
+
+        return pipeline.full_state_dict(engine, dims)
+    if dims.tp > 1:
+        raise NotImplementedError("gathering tensor shards")
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

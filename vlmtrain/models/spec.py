@@ -56,7 +56,9 @@ class ModelSpec:
     tp_plan: TensorParallelPlan = TensorParallelPlan()
     # (model cfg) → head counts that tensor parallelism must divide, by dotted config key.
     tp_divisible: Callable[[Any], Mapping[str, int]] = lambda cfg: {}
-    # (built model) → the pipeline's layer list, or None when the family cannot be pipelined.
+    # (built model) → the pipeline's layer list, or None when the family cannot be pipelined. The layers
+    # hold the model's own modules (so weights keep their names) and pass tuples of tensors; stages get
+    # equal numbers of the layers whose class name ends in "Block" (see distributed/pipeline.py).
     pipeline_layers: Callable[[nn.Module], list] | None = None
     # (model cfg) → how many layers a pipeline can split (stages must not outnumber them).
     pipeline_depth: Callable[[Any], int] = lambda cfg: 1

@@ -43,7 +43,7 @@ SPEC = ModelSpec(
     no_weight_decay=("logit_scale",),
     tp_plan=parallelize.TP_PLAN,
     tp_divisible=parallelize.tp_divisible,
-    pipeline_layers=None,
+    pipeline_layers=parallelize.pipeline_layers,
     pipeline_depth=parallelize.pipeline_depth,
     adapter=StateDictAdapter("open_clip", load_openclip_checkpoint, write_openclip_dir),
 )
