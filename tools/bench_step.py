@@ -65,6 +65,7 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
     import torch
 
     from vlmtrain import engine as trainer
+    from vlmtrain.step import train_step
     from vlmtrain.config import load_train_config
     from vlmtrain.data import Batch
     from vlmtrain.distributed.deepspeed_config import build_deepspeed_config, trainer_clips_gradients
@@ -107,7 +108,7 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
         source, times = batches(size), []
         for step in range(1, steps + 1):
             started = time.perf_counter()
-            result = trainer.train_step(engine, source, loss_fn, torch.float32, cfg.optim.grad_accum_steps, clipper)
+            result = train_step(engine, source, loss_fn, torch.float32, cfg.optim.grad_accum_steps, clipper)
             bounds.apply()
             meter.add(result, first=False)
             if step % args.log_every == 0:  # the exact metrics of a log step, amortized as in training

@@ -11,7 +11,6 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, de
 from vlmtrain.models.registry import spec_of
 from vlmtrain.models.spec import ModelSpec
 from vlmtrain.optim import GradientClipper, build_optimizer, build_scheduler
+from vlmtrain.step import StepResult, train_step
 
 log = logging.getLogger(__name__)
 
@@ -187,41 +187,6 @@ def mean_losses(losses: dict[str, torch.Tensor], groups: ProcessGroups) -> dict[
     names = sorted(losses)
     means = sum_over(torch.stack([losses[name] for name in names]), groups.dp) / groups.dims.dp
     return {("loss" if name == "loss" else f"loss/{name}"): value for name, value in zip(names, means.tolist())}
-
-
-@dataclass
-class StepResult:
-    losses: dict[str, torch.Tensor]  # each loss term, mean over micro-batches, this rank
-    samples: int
-    skipped: int
-    data_wait_s: float
-    step_s: float
-    keys: list[str] = field(default_factory=list)
-
-
-def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int,
-               clipper: GradientClipper | None = None) -> StepResult:
-    """One optimizer step: ``accum_steps`` micro-batches, DeepSpeed steps on the last one (after
-    the gradients are clipped, where the trainer clips them)."""
-    started = time.perf_counter()
-    terms: dict[str, list[torch.Tensor]] = {}
-    samples, skipped, waited, keys = 0, 0, 0.0, []
-    for micro in range(accum_steps):
-        wait_from = time.perf_counter()
-        batch = next(batches)
-        waited += time.perf_counter() - wait_from
-        losses = loss_fn(engine(batch.images.to(engine.device, dtype), batch.tokens.to(engine.device)))
-        engine.backward(losses["loss"])
-        if clipper and micro == accum_steps - 1:
-            clipper.clip()
-        engine.step()
-        for name, value in losses.items():
-            terms.setdefault(name, []).append(value.detach())
-        samples += len(batch.keys)
-        skipped += batch.skipped
-        keys += batch.keys
-    return StepResult({name: torch.stack(values).mean() for name, values in terms.items()}, samples, skipped,
-                      waited, time.perf_counter() - started, keys)
 
 
 class ThroughputMeter:

@@ -26,7 +26,7 @@ from torch import nn
 
 from vlmtrain.distributed.collectives import all_gather_objects
 from vlmtrain.distributed.parallel_dims import ParallelDims
-from vlmtrain.engine import StepResult
+from vlmtrain.step import StepResult
 from vlmtrain.models.spec import ModelSpec
 
 # DeepSpeed's ``type:`` partitioning balances the number of layers whose class name matches.

@@ -1,0 +1,48 @@
+"""One optimizer step of a data- or tensor-parallel run, and what a step reports.
+
+(A pipelined step, ``PipelineEngine.train_batch``, lives in ``distributed/pipeline.py`` and reports
+the same ``StepResult``.)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmtrain.optim import GradientClipper
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, torch.Tensor]  # each loss term, mean over micro-batches, this rank
+    samples: int
+    skipped: int
+    data_wait_s: float
+    step_s: float
+    keys: list[str] = field(default_factory=list)
+
+
+def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int,
+               clipper: GradientClipper | None = None) -> StepResult:
+    """One optimizer step: ``accum_steps`` micro-batches, DeepSpeed steps on the last one (after
+    the gradients are clipped, where the trainer clips them)."""
+    started = time.perf_counter()
+    terms: dict[str, list[torch.Tensor]] = {}
+    samples, skipped, waited, keys = 0, 0, 0.0, []
+    for micro in range(accum_steps):
+        wait_from = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - wait_from
+        losses = loss_fn(engine(batch.images.to(engine.device, dtype), batch.tokens.to(engine.device)))
+        engine.backward(losses["loss"])
+        if clipper and micro == accum_steps - 1:
+            clipper.clip()
+        engine.step()
+        for name, value in losses.items():
+            terms.setdefault(name, []).append(value.detach())
+        samples += len(batch.keys)
+        skipped += batch.skipped
+        keys += batch.keys
+    return StepResult({name: torch.stack(values).mean() for name, values in terms.items()}, samples, skipped,
+                      waited, time.perf_counter() - started, keys)
