@@ -13,6 +13,7 @@ the layout the run trained in (tensor/pipeline shards are gathered first).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -25,9 +26,11 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vlmtrain import atomic
 from vlmtrain.configlib import to_dict
 from vlmtrain.errors import CheckpointError, ConfigError
 from vlmtrain.models.registry import load_model_config, spec_of
+from vlmtrain.runlock import LOCK_FILE
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "vlmtrain.json"
@@ -63,19 +66,30 @@ def save_training_state(engine, run_dir: Path, step: int, sidecar: dict, keep: i
     _barrier()
     final = root / tag
     if engine.global_rank == 0:
-        (staging / tag / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging / tag, final)
-        _write_atomically(root / LATEST_FILE, tag)
+        atomic.write_json(staging / tag / SIDECAR_FILE, sidecar)
+        for written in (staging / tag).rglob("*"):  # every rank's files are on disk before they count
+            if written.is_file():
+                atomic.fsync_path(written)
+        if final.exists():  # a tag saved again: swap, so `latest` never names a missing checkpoint
+            exchange_directories(staging / tag, final)
+            shutil.rmtree(staging / tag)
+        else:
+            os.replace(staging / tag, final)
+        atomic.fsync_path(root)
+        atomic.write_text(root / LATEST_FILE, tag)
         prune(root, keep, step)
     _barrier()
     return final
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def exchange_directories(a: Path, b: Path) -> None:
+    """Swap two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``): at no instant is either
+    name missing."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"cannot swap {a} and {b}: {os.strerror(error)}")
 
 
 def prune(root: Path, keep: int, step: int) -> None:
@@ -110,9 +124,10 @@ def check_output_dir(run_dir: Path, resume: str, overwrite: bool) -> None:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """What ``overwrite=true`` removes: the previous run's checkpoints, export, logs and metrics."""
-    if run_dir.is_dir():
-        for entry in run_dir.iterdir():
+    """What ``overwrite=true`` removes: the previous run's checkpoints, export, logs and metrics (not
+    the lock this run holds)."""
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_FILE:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
@@ -171,11 +186,10 @@ def load_training_state(engine, point: ResumePoint) -> None:
 def write_export(state: dict[str, torch.Tensor], model_cfg, out_dir: Path, metadata: dict) -> None:
     """Write the full model's weights and config as an export (called by one rank)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, out_dir / WEIGHTS_FILE)
+    with atomic.replacing(out_dir / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
     meta = {"format": EXPORT_FORMAT, "family": model_cfg.family, "model": to_dict(model_cfg), **metadata}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    atomic.write_json(out_dir / META_FILE, meta)
 
 
 def find_export(path: str | Path) -> Path:

@@ -7,7 +7,6 @@ data-parallel rank: tensor and pipeline peers see the same batches.
 """
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vlmtrain import checkpoint
+from vlmtrain import atomic, checkpoint
 from vlmtrain.config import TrainConfig
 from vlmtrain.configlib import to_dict
 from vlmtrain.data import build_train_loader, data_fingerprint, resolve_sources
@@ -33,6 +32,7 @@ from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, de
 from vlmtrain.models.registry import spec_of
 from vlmtrain.models.spec import ModelSpec
 from vlmtrain.optim import GradientClipper, build_optimizer, build_scheduler
+from vlmtrain.runlock import DirectoryLockedError, RunLock
 from vlmtrain.step import StepResult, train_step
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,12 @@ def train(cfg: TrainConfig) -> dict:
     elif cfg.resume and env.is_main:
         print(f"vlm-train: no checkpoint under {run_dir / checkpoint.CHECKPOINTS_DIR} yet: starting at step 0",
               flush=True)
+    lock = hold_run_directory(run_dir, env.is_main)
     checkpoint.check_output_dir(run_dir, cfg.resume, cfg.overwrite)
     if env.is_main:
         if cfg.overwrite and not cfg.resume:
             checkpoint.clear_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        atomic.write_json(run_dir / "config.json", to_dict(cfg))
     dist.barrier()  # no rank writes into the run directory before it is cleared
 
     model = spec.build(cfg.model)
@@ -162,14 +162,31 @@ def train(cfg: TrainConfig) -> dict:
         if env.is_main:
             checkpoint.write_export(state, cfg.model, run_dir / checkpoint.EXPORT_DIR,
                                     {"train_summary": summary, "train_config": to_dict(cfg)})
-            (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            atomic.write_json(run_dir / "train_summary.json", summary)
     batches.close()
     # An orderly teardown: a rank that leaves gloo to interpreter finalization can crash there
     # (its transport threads outlive the objects they use), and a rank exiting early breaks its
     # peers' last collective.
     dist.barrier()
     dist.destroy_process_group()
+    if lock:
+        lock.release()
     return summary
+
+
+def hold_run_directory(run_dir: Path, is_main: bool) -> RunLock | None:
+    """Collective: rank 0 takes the run directory's lock (one writer per directory); if another live
+    process holds it, every rank fails with the holder's pid."""
+    lock, problem = RunLock(run_dir) if is_main else None, None
+    if lock:
+        try:
+            lock.acquire()
+        except DirectoryLockedError as err:
+            problem = str(err)
+    problem = all_gather_objects(problem)[0]
+    if problem:
+        raise DirectoryLockedError(problem)
+    return lock
 
 
 def layout_of(dims: ParallelDims) -> dict:

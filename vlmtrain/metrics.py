@@ -6,12 +6,17 @@ gets the same scalars, and ``training_curves.png`` is drawn from the JSONL at th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from vlmtrain import atomic
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -63,7 +68,9 @@ class StepLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= resume_step))
+        if lines and not lines[-1].endswith("\n"):  # cut off mid-write (a full disk, a kill)
+            log.warning("%s: dropping its last line, cut off mid-write: %r", path, lines.pop()[:80])
+        atomic.write_text(path, "".join(line for line in lines if json.loads(line)["step"] <= resume_step))
         self._file = path.open("a")
 
     def write(self, record: dict) -> None:

@@ -1,4 +1,6 @@
 """User mistakes end in one clear error line and a non-zero exit, never a library traceback."""
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import run_tool
@@ -92,3 +94,29 @@ def test_retraining_into_a_used_run_directory_is_refused_unless_overwritten(tmp_
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000001", "step_0000002"]
     assert (checkpoints / "latest").read_text() == "step_0000002"
+
+
+def test_a_second_training_run_into_the_same_directory_fails_at_once_naming_the_first(tmp_path, small_corpus):
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, cli_env
+    from tests.helpers import kill_tree
+
+    arguments = ["--config", "configs/train/demo.yaml", f"data.train_shards={small_corpus / 'train'}",
+                 f"output_dir={tmp_path / 'run'}", "steps=100000", "data.batch_size=8", "progress=false",
+                 "metrics.tensorboard=false"]
+    first = subprocess.Popen([str(Path(sys.executable).parent / "vlm-train"), *arguments], cwd=REPO, env=cli_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "run" / "config.json").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.2)
+        second = run_tool("vlm-train", *arguments, "overwrite=true")
+        assert second.returncode == 2
+        assert f"is being written by another process (pid {first.pid}:" in second.stderr
+        assert (tmp_path / "run" / "config.json").is_file()  # overwrite=true deleted nothing
+    finally:
+        kill_tree(first.pid)

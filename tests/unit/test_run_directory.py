@@ -56,3 +56,28 @@ def test_pruning_orders_by_step_number_not_by_name(tmp_path):
 def test_resume_and_overwrite_together_are_refused():
     with pytest.raises(ConfigError, match="overwrite=true deletes the run that resume=latest would continue"):
         load_train_config("configs/train/demo.yaml", ["resume=latest", "overwrite=true"])
+
+
+def test_a_torn_last_line_of_a_metrics_log_is_dropped_with_a_warning(tmp_path, caplog):
+    from vlmtrain.metrics import StepLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # disk filled mid-line
+    log = StepLog(path, resume_step=2)
+    log.write({"step": 3, "loss": 1.0})
+    log.close()
+    assert path.read_text().splitlines() == ['{"step": 1, "loss": 2.0}', '{"step": 2, "loss": 1.5}',
+                                             '{"step": 3, "loss": 1.0}']
+    assert "cut off mid-write" in caplog.text
+
+
+def test_a_checkpoint_saved_again_is_swapped_in_whole(tmp_path):
+    from vlmtrain.checkpoint import exchange_directories
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "weights").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "weights").write_text("new")
+    exchange_directories(tmp_path / "new", tmp_path / "old")
+    assert (tmp_path / "old" / "weights").read_text() == "new"
+    assert (tmp_path / "new" / "weights").read_text() == "old"

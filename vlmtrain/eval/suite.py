@@ -7,7 +7,6 @@ under torch.distributed and returns the same records on every rank.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vlmtrain import atomic
 from vlmtrain.configlib import from_dict, read_yaml_with_overrides
 from vlmtrain.errors import ConfigError
 from vlmtrain.eval.confusion import write_confusion_png
@@ -166,7 +166,7 @@ def write_results(records: list[dict], out: str | Path) -> list[Path]:
     """Write the records as JSON and one confusion PNG per classification set; return the PNGs."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=2))
+    atomic.write_json(out, records)
     return [write_confusion_png(r["confusion_matrix"], r["classnames"], f"{r['dataset']} — {r['model']}",
                                 confusion_png_path(out, r["dataset"]))
             for r in records if "confusion_matrix" in r]
