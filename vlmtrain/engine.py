@@ -27,6 +27,8 @@ from vlmtrain.distributed.deepspeed_config import build_deepspeed_config
 from vlmtrain.distributed.env import discover
 from vlmtrain.distributed.full_state import full_state_dict
 from vlmtrain.distributed.parallel_dims import ParallelDims, ProcessGroups, build_process_groups
+from vlmtrain.distributed import universal_checkpoint
+from vlmtrain.distributed.tensor_parallel import check_deepspeed_groups
 from vlmtrain.errors import CheckpointError
 from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, device_peak_tflops,
                               peak_memory_gb)
@@ -68,11 +70,23 @@ def train(cfg: TrainConfig) -> dict:
         model.load_state_dict(checkpoint.load_initial_weights(cfg.init_from, cfg.model))
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    # A checkpoint of another tensor-parallel degree (check_resumable allowed it) loads as a universal one.
+    relayout = bool(resume) and saved_layout(resume.sidecar) != layout_of(dims)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan,
+                                                                         load_universal=relayout))
+    if dims.tp > 1:
+        check_deepspeed_groups(engine, dims, env.rank)
     start_step, cursor = 0, None
     if resume:
-        checkpoint.load_training_state(engine, resume)
+        if relayout:
+            saved = ParallelDims(resume.sidecar["world_size"], tp=saved_layout(resume.sidecar)["tp"])
+            universal = universal_checkpoint.convert(resume, run_dir / checkpoint.CHECKPOINTS_DIR, saved, dims,
+                                                     env.rank)
+            checkpoint.load_training_state(engine, universal)
+            universal_checkpoint.clean_up(run_dir / checkpoint.CHECKPOINTS_DIR, env.rank)
+        else:
+            checkpoint.load_training_state(engine, resume)
         start_step, cursor = resume.sidecar["step"], resume.sidecar["data_cursors"][groups.dp_rank]
         if env.is_main:
             print(f"vlm-train: resumed from {resume.root / resume.tag} at step {start_step}", flush=True)
@@ -151,6 +165,10 @@ def train(cfg: TrainConfig) -> dict:
 
 def layout_of(dims: ParallelDims) -> dict:
     return {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}
+
+
+def saved_layout(sidecar: dict) -> dict:
+    return sidecar.get("parallel", {"dp": sidecar["world_size"], "tp": 1, "pp": 1})
 
 
 def data_cursors(cursor: dict, dims: ParallelDims) -> list[dict]:
@@ -343,12 +361,14 @@ def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerp
             changed.append(f"data.{key}")
     if changed:
         raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
-    saved_layout = sidecar.get("parallel", {"dp": sidecar["world_size"], "tp": 1, "pp": 1})
-    if saved_layout != layout_of(dims):
+    saved = saved_layout(sidecar)
+    if saved != layout_of(dims) and not universal_checkpoint.can_change_layout(saved, layout_of(dims),
+                                                                                cfg.zero_stage):
         export_hint = Path(cfg.output_dir) / checkpoint.EXPORT_DIR
         raise CheckpointError(
-            f"cannot resume: the checkpoint was written at {_describe(saved_layout)}, this run is "
-            f"{_describe(layout_of(dims))}; an exact resume needs the same layout. To continue in this "
+            f"cannot resume: the checkpoint was written at {_describe(saved)}, this run is "
+            f"{_describe(layout_of(dims))}; an exact resume needs the same layout, or only tp changed "
+            f"with zero_stage >= 1 (through DeepSpeed's universal checkpoint). To continue in this "
             f"layout, start from the weights with init_from=<an export of that run, e.g. {export_hint}> "
             f"(the optimizer state starts afresh)")
     if sidecar["data_fingerprint"] != fingerprint:

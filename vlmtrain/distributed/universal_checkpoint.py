@@ -1,0 +1,59 @@
+"""Resuming a checkpoint at another tensor-parallel degree, through DeepSpeed's universal checkpoint.
+
+DeepSpeed's converter (``deepspeed.checkpoint.ds_to_universal``) merges the ZeRO optimizer files of
+every tensor- and data-parallel rank into one folder per parameter, full-sized (fp32 master weights,
+Adam moments, step); an engine configured with ``checkpoint.load_universal`` then slices each
+parameter for its own layout. Only the tensor-parallel degree may change: the data-parallel size fixes
+the global batch and the per-replica data cursors, so with it equal the resumed run reads the same
+batches and the next step's loss equals the uninterrupted run's. The converter reads ZeRO's optimizer
+files, so ZeRO stage >= 1 is needed (ZeRO 0 writes the optimizer state in another format).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from vlmtrain.checkpoint import ResumePoint
+from vlmtrain.distributed.parallel_dims import ParallelDims
+from vlmtrain.errors import CheckpointError
+
+WORK_DIR = ".universal"  # under the run's checkpoints directory, removed once loaded
+
+
+def can_change_layout(saved: dict, now: dict, zero_stage: int) -> bool:
+    """Whether a checkpoint written at layout ``saved`` resumes exactly at ``now`` (``{"dp", "tp", "pp"}``)."""
+    return zero_stage >= 1 and saved["dp"] == now["dp"] and saved["pp"] == now["pp"] == 1
+
+
+def convert(point: ResumePoint, checkpoints_dir: Path, saved: ParallelDims, dims: ParallelDims,
+            rank: int) -> ResumePoint:
+    """Collective: ``point`` as a universal checkpoint under ``checkpoints_dir/.universal`` (made by
+    rank 0), with an RNG file for every rank of the new layout (its data replica's first rank's)."""
+    out = checkpoints_dir / WORK_DIR / point.tag
+    if rank == 0:
+        shutil.rmtree(out.parent, ignore_errors=True)
+        # A subprocess: the converter forks worker pools, which must not inherit gloo's threads.
+        result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                 "--input_folder", str(point.root / point.tag), "--output_folder", str(out),
+                                 "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(f"DeepSpeed could not convert {point.root / point.tag} to a universal "
+                                  f"checkpoint:\n{result.stderr[-2000:]}")
+        for new_rank in range(dims.world):
+            stage, dp_rank, _ = dims.coordinates(new_rank)
+            shutil.copy(point.root / point.tag / f"rng_rank{saved.rank_of(stage, dp_rank, 0)}.pt",
+                        out / f"rng_rank{new_rank}.pt")
+    dist.barrier()
+    return ResumePoint(out.parent, point.tag, point.sidecar)
+
+
+def clean_up(checkpoints_dir: Path, rank: int) -> None:
+    """Collective: drop the converted copy once every rank has loaded it."""
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(checkpoints_dir / WORK_DIR, ignore_errors=True)
