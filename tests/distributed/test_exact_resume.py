@@ -2,18 +2,15 @@
 per-step losses after the resume point, the same final weights, the same samples trained on."""
 import collections
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, cli_env, run_tool
+from tests.conftest import run_tool
+from tests.distributed.training_runs import kill_while_writing
 
 pytestmark = pytest.mark.dist
 
@@ -26,37 +23,6 @@ def train_command(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
             f"steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=2", "data.record_keys=true",
             "data.workers=2", "data.batch_size=8", "data.shuffle_buffer=32", "log_every=1",
             "optim.warmup_steps=2", "metrics.tensorboard=false", "progress=false", *extra]
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once, as a node failure or OOM kill would.
-
-    (torchrun starts its workers in sessions of their own, so a process-group kill misses them.)"""
-    root = psutil.Process(pid)
-    processes = [root, *root.children(recursive=True)]
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
-
-
-def kill_while_writing(command: list[str], checkpoints: Path, tag: str, timeout: float = 600) -> bool:
-    """Start the run; SIGKILL its whole process tree once `tag` is being written.
-
-    Returns whether the kill landed while the checkpoint was still in the staging area."""
-    process = subprocess.Popen(command, cwd=REPO, env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staging = checkpoints / ".staging" / tag
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if staging.is_dir() and any(staging.iterdir()):
-                kill_tree(process.pid)
-                return not (checkpoints / tag).exists()
-            time.sleep(0.001)
-        raise AssertionError(f"the run ended (code {process.returncode}) before writing {tag}")
-    finally:
-        if process.poll() is None:
-            kill_tree(process.pid)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

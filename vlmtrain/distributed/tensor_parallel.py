@@ -36,10 +36,11 @@ def gather_tp_shards(module: nn.Module) -> dict[str, torch.Tensor]:
     """Collective over each tensor-parallel group: the full tensors of the parameters AutoTP sharded,
     by state-dict key (replicated ones, e.g. a row-parallel bias, come back as they are).
 
-    Each layer's own ``gather_params`` knows its split (dimension, uneven sizes); it is handed detached
-    aliases so it rebinds those and never the live parameters: DeepSpeed's ``GatherReplacedLayerParams``
-    re-partitions into fresh storage on exit, which would cut a parameter off the flat buffer that
-    ZeRO 1/2 updates (an export mid-run, for in-training eval, would freeze it).
+    Each layer's own ``gather_params`` knows its split (dimension, uneven sizes). It is handed detached
+    aliases, so it rebinds those and the live parameters are left alone; DeepSpeed's
+    ``GatherReplacedLayerParams`` gathers the live parameters in place and re-splits them into fresh
+    storage on exit (ZeRO 1/2 keep parameters as views of a flat buffer, and only re-point them at
+    their next step).
     """
     from deepspeed.module_inject.layers import TensorParallel_Layer
 
