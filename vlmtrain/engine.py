@@ -22,12 +22,12 @@ from vlmtrain import checkpoint
 from vlmtrain.config import TrainConfig
 from vlmtrain.configlib import to_dict
 from vlmtrain.data import build_train_loader, data_fingerprint, resolve_sources
+from vlmtrain.distributed import universal_checkpoint
 from vlmtrain.distributed.collectives import all_gather_objects, sum_over
 from vlmtrain.distributed.deepspeed_config import build_deepspeed_config
 from vlmtrain.distributed.env import discover
 from vlmtrain.distributed.full_state import full_state_dict
 from vlmtrain.distributed.parallel_dims import ParallelDims, ProcessGroups, build_process_groups
-from vlmtrain.distributed import universal_checkpoint
 from vlmtrain.distributed.tensor_parallel import check_deepspeed_groups
 from vlmtrain.errors import CheckpointError
 from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, device_peak_tflops,
@@ -81,10 +81,7 @@ def train(cfg: TrainConfig) -> dict:
     if resume:
         if relayout:
             saved = ParallelDims(resume.sidecar["world_size"], tp=saved_layout(resume.sidecar)["tp"])
-            universal = universal_checkpoint.convert(resume, run_dir / checkpoint.CHECKPOINTS_DIR, saved, dims,
-                                                     env.rank)
-            checkpoint.load_training_state(engine, universal)
-            universal_checkpoint.clean_up(run_dir / checkpoint.CHECKPOINTS_DIR, env.rank)
+            universal_checkpoint.load(engine, resume, saved, dims, run_dir / checkpoint.CHECKPOINTS_DIR)
         else:
             checkpoint.load_training_state(engine, resume)
         start_step, cursor = resume.sidecar["step"], resume.sidecar["data_cursors"][groups.dp_rank]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from vlmtrain.checkpoint import ResumePoint
+from vlmtrain.checkpoint import ResumePoint, load_training_state
 from vlmtrain.distributed.parallel_dims import ParallelDims
 from vlmtrain.errors import CheckpointError
 
@@ -29,31 +29,33 @@ def can_change_layout(saved: dict, now: dict, zero_stage: int) -> bool:
     return zero_stage >= 1 and saved["dp"] == now["dp"] and saved["pp"] == now["pp"] == 1
 
 
-def convert(point: ResumePoint, checkpoints_dir: Path, saved: ParallelDims, dims: ParallelDims,
-            rank: int) -> ResumePoint:
-    """Collective: ``point`` as a universal checkpoint under ``checkpoints_dir/.universal`` (made by
-    rank 0), with an RNG file for every rank of the new layout (its data replica's first rank's)."""
-    out = checkpoints_dir / WORK_DIR / point.tag
+def load(engine, point: ResumePoint, saved: ParallelDims, dims: ParallelDims, checkpoints_dir: Path) -> None:
+    """Collective: restore ``point``, written at layout ``saved``, into ``engine`` (configured with
+    ``load_universal``), through a converted copy under ``checkpoints_dir/.universal``."""
+    rank = engine.global_rank
+    work = checkpoints_dir / WORK_DIR
     if rank == 0:
-        shutil.rmtree(out.parent, ignore_errors=True)
-        # A subprocess: the converter forks worker pools, which must not inherit gloo's threads.
-        result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                                 "--input_folder", str(point.root / point.tag), "--output_folder", str(out),
-                                 "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CheckpointError(f"DeepSpeed could not convert {point.root / point.tag} to a universal "
-                                  f"checkpoint:\n{result.stderr[-2000:]}")
-        for new_rank in range(dims.world):
-            stage, dp_rank, _ = dims.coordinates(new_rank)
-            shutil.copy(point.root / point.tag / f"rng_rank{saved.rank_of(stage, dp_rank, 0)}.pt",
-                        out / f"rng_rank{new_rank}.pt")
+        _convert(point, work / point.tag, saved, dims)
     dist.barrier()
-    return ResumePoint(out.parent, point.tag, point.sidecar)
-
-
-def clean_up(checkpoints_dir: Path, rank: int) -> None:
-    """Collective: drop the converted copy once every rank has loaded it."""
+    load_training_state(engine, ResumePoint(work, point.tag, point.sidecar))
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(checkpoints_dir / WORK_DIR, ignore_errors=True)
+        shutil.rmtree(work)
+
+
+def _convert(point: ResumePoint, out: Path, saved: ParallelDims, dims: ParallelDims) -> None:
+    """``point`` as a universal checkpoint in ``out``, with an RNG file for every rank of the new layout
+    (its data replica's first rank's)."""
+    shutil.rmtree(out.parent, ignore_errors=True)  # left by a run killed while loading
+    # A subprocess: the converter forks worker pools, which must not inherit gloo's threads.
+    result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                             "--input_folder", str(point.root / point.tag), "--output_folder", str(out),
+                             "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CheckpointError(f"DeepSpeed could not convert {point.root / point.tag} to a universal "
+                              f"checkpoint:\n{result.stderr[-2000:]}")
+    for rank in range(dims.world):
+        stage, dp_rank, _ = dims.coordinates(rank)
+        shutil.copy(point.root / point.tag / f"rng_rank{saved.rank_of(stage, dp_rank, 0)}.pt",
+                    out / f"rng_rank{rank}.pt")
