@@ -32,14 +32,14 @@ STEPS, CLIP_AT = 5, 1.0
 COMMON = (f"steps={STEPS}", "log_every=1", "data.batch_size=8", "optim.warmup_steps=2", "optim.lr=2e-3",
           f"optim.grad_clip={CLIP_AT}")
 TP2 = "parallel.tp=2"
-# name: (ranks, overrides). tp2_zero2 checkpoints every 2 steps: the resume tests start from it.
+# name: (ranks, overrides). The runs that checkpoint every 2 steps are where the resume tests start.
 RUNS = {
     "tp1_clip": (1, ["zero_stage=0"]),
     "tp2_zero0": (2, [TP2, "zero_stage=0"]),
     "tp2_zero1": (2, [TP2, "zero_stage=1"]),
     "tp2_zero2": (2, [TP2, "zero_stage=2", "checkpoint.every=2"]),
     "tp2_zero3": (2, [TP2, "zero_stage=3"]),
-    "tp1_siglip": (1, ["model.loss=siglip", "zero_stage=1"]),
+    "tp1_siglip": (1, ["model.loss=siglip", "zero_stage=1", "checkpoint.every=2"]),
     "tp2_siglip": (2, ["model.loss=siglip", TP2, "zero_stage=1"]),
     "dp2": (2, ["zero_stage=1"]),
     "dp2_tp2": (4, [TP2, "zero_stage=1"]),
@@ -134,12 +134,19 @@ def test_tp2_resumes_exactly_after_a_kill(runs, killed_and_resumed):
     assert_same_weights(exported_weights(killed_and_resumed["dir"]), exported_weights(runs["tp2_zero2"]))
 
 
-def test_a_tp2_checkpoint_resumes_at_tp1_through_the_universal_checkpoint(runs, small_corpus, tmp_path):
-    """Works (DeepSpeed 0.19.8 converts AutoTP ZeRO checkpoints). From step 2 the learning rate is still
-    > 0 for two steps, so the losses after the next one and the final weights also check the restored
-    Adam moments and scheduler, not only the weights."""
-    source = runs["tp2_zero2"]
-    result = train(small_corpus, tmp_path, 1, *COMMON, "zero_stage=2",
+# A checkpoint resumed at another tp: (the run that wrote it, ranks and overrides of the resumed run).
+RELAYOUTS = {"tp2_to_tp1": ("tp2_zero2", 1, ["zero_stage=2"]),
+             "tp1_to_tp2": ("tp1_siglip", 2, ["model.loss=siglip", TP2, "zero_stage=1"])}
+
+
+@pytest.mark.parametrize("change", RELAYOUTS)
+def test_a_checkpoint_resumes_at_another_tp_through_the_universal_checkpoint(runs, small_corpus, tmp_path, change):
+    """Works (DeepSpeed 0.19.8 converts AutoTP ZeRO checkpoints, and slices a tp=1 one): the losses after
+    the resume point and the final weights are the uninterrupted run's. From step 2 the learning rate is
+    still > 0 for two steps, so the restored Adam moments and schedule are checked, not only the weights."""
+    source_run, ranks, overrides = RELAYOUTS[change]
+    source = runs[source_run]
+    result = train(small_corpus, tmp_path, ranks, *COMMON, *overrides,
                    f"resume={source / 'checkpoints' / 'step_0000002'}")
     assert "at step 2" in result.stdout
     expected = {step: loss for step, loss in losses(source).items() if step > 2}

@@ -47,10 +47,11 @@ def _convert(point: ResumePoint, out: Path, saved: ParallelDims, dims: ParallelD
     """``point`` as a universal checkpoint in ``out``, with an RNG file for every rank of the new layout
     (its data replica's first rank's)."""
     shutil.rmtree(out.parent, ignore_errors=True)  # left by a run killed while loading
-    # A subprocess: the converter forks worker pools, which must not inherit gloo's threads.
+    # A subprocess: the converter forks worker pools, which must not inherit gloo's threads. A tp=1
+    # checkpoint has no AutoTP metadata ("missing state"): the loading side's sharded layers know their split.
     result = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                              "--input_folder", str(point.root / point.tag), "--output_folder", str(out),
-                             "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                             "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise CheckpointError(f"DeepSpeed could not convert {point.root / point.tag} to a universal "
