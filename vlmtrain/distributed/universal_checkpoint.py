@@ -3,10 +3,11 @@
 DeepSpeed's converter (``deepspeed.checkpoint.ds_to_universal``) merges the ZeRO optimizer files of
 every tensor- and data-parallel rank into one folder per parameter, full-sized (fp32 master weights,
 Adam moments, step); an engine configured with ``checkpoint.load_universal`` then slices each
-parameter for its own layout (tp 2 → 1 and 1 → 2 are tested). Only the tensor-parallel degree may change: the data-parallel size fixes
-the global batch and the per-replica data cursors, so with it equal the resumed run reads the same
-batches and the next step's loss equals the uninterrupted run's. The converter reads ZeRO's optimizer
-files, so ZeRO stage >= 1 is needed (ZeRO 0 writes the optimizer state in another format).
+parameter for its own layout (tp 2 → 1 and 1 → 2 are tested). Only the tensor-parallel degree may
+change: the data-parallel size fixes the global batch and the per-replica data cursors, so with it
+equal the resumed run reads the same batches and its losses equal the uninterrupted run's. The
+converter reads ZeRO's optimizer files, so ZeRO stage >= 1 is needed (ZeRO 0 saves the optimizer
+state whole, in another format).
 """
 from __future__ import annotations
 
