@@ -97,8 +97,7 @@ def test_tp2_with_zero_stage_equals_zero_0(runs, stage):
 
 def test_the_tp2_runs_clipped_gradients(runs):
     # The global norm spans both shards of each split weight: clipping at the wrong norm would show
-    # as a loss mismatch above from step 2 on.
-    # (ZeRO 0 reports no norm.)
+    # as a loss mismatch above from step 2 on. (ZeRO 0 reports no norm.)
     assert max(r["grad_norm"] for r in metrics(runs["tp2_zero2"])) > CLIP_AT
 
 
