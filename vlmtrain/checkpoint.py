@@ -175,6 +175,11 @@ def find_resume_point(resume: str, run_dir: Path) -> ResumePoint | None:
     return ResumePoint(root, tag, sidecar)
 
 
+def saved_layout(sidecar: dict) -> dict:
+    """The layout a checkpoint was written at (data-parallel only before layouts were recorded)."""
+    return sidecar.get("parallel", {"dp": sidecar["world_size"], "tp": 1, "pp": 1})
+
+
 def load_training_state(engine, point: ResumePoint) -> None:
     """Collective: restore model, optimizer, scheduler and this rank's RNG from ``point``."""
     load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag)

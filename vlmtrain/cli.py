@@ -38,6 +38,9 @@ resuming:
   it when there is none), exactly: same data order, same losses. resume=RUN/checkpoints/step_N
   picks a checkpoint. SIGTERM or SIGUSR1 (SLURM's pre-emption warning) saves at the end of the
   current step and exits; rerun with resume=latest.
+  A checkpoint also resumes at another parallel.tp (same data-parallel size, zero_stage >= 1),
+  through DeepSpeed's universal checkpoint; other layout changes are refused (init_from=RUN/final
+  starts from the weights instead).
 
 launching:
   Under torchrun or the deepspeed launcher, vlm-train runs as one worker of the job.

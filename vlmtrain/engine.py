@@ -26,6 +26,7 @@ from vlmtrain.distributed.deepspeed_config import build_deepspeed_config, traine
 from vlmtrain.distributed.env import discover
 from vlmtrain.distributed.full_state import full_state_dict
 from vlmtrain.distributed.parallel_dims import ParallelDims, ProcessGroups, build_process_groups
+from vlmtrain.distributed.tensor_parallel import check_deepspeed_groups
 from vlmtrain.errors import CheckpointError
 from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, device_peak_tflops,
                               peak_memory_gb)
@@ -78,13 +79,13 @@ def train(cfg: TrainConfig) -> dict:
         model = pipeline.split(spec, model, loss_fn, dims)
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
-    ds_config = build_deepspeed_config(cfg, dims, spec.tp_plan)
-    if resume and resume.sidecar.get("parallel", layout_of(dims)) != layout_of(dims):
-        # the one layout change check_resumable lets through: a pipelined checkpoint, resumed unsplit
-        resume = universal.unsplit(resume, spec, cfg.model, run_dir, dims)
-        ds_config["checkpoint"] = {"load_universal": True}
+    # A checkpoint of another layout (check_resumable allowed it) loads as a universal one.
+    relayout = bool(resume) and checkpoint.saved_layout(resume.sidecar) != layout_of(dims)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan,
+                                                                         load_universal=relayout))
+    if dims.tp > 1:
+        check_deepspeed_groups(engine, dims, env.rank)
     if dims.dp == 1 and cfg.zero_stage == 0:
         # One replica without ZeRO: DeepSpeed would still flatten, "all-reduce" and copy back every
         # gradient. (ZeRO 1/2 reduce their gradient partitions on this path: it stays on for them.)
@@ -92,7 +93,11 @@ def train(cfg: TrainConfig) -> dict:
     clipper = GradientClipper(engine.module, cfg.optim.grad_clip) if trainer_clips_gradients(cfg, dims) else None
     start_step, cursor = 0, None
     if resume:
-        checkpoint.load_training_state(engine, resume)
+        if relayout:
+            checkpoint.load_training_state(engine, universal.convert(resume, spec, cfg.model, run_dir, dims))
+            universal.clean_up(run_dir)
+        else:
+            checkpoint.load_training_state(engine, resume)
         start_step, cursor = resume.sidecar["step"], resume.sidecar["data_cursors"][groups.dp_rank]
         if env.is_main:
             print(f"vlm-train: resumed from {resume.root / resume.tag} at step {start_step}", flush=True)
@@ -360,7 +365,7 @@ def logged_parameters(module: torch.nn.Module, spec: ModelSpec) -> dict[str, flo
 
 def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerprint: str) -> None:
     """An exact resume needs the same model, optimizer, seed, layout and data as the checkpoint; the
-    one layout change allowed is a pipelined checkpoint resumed unsplit (see ``universal.can_unsplit``)."""
+    layout changes allowed go through DeepSpeed's universal checkpoint (``universal.can_change_layout``)."""
     saved, now = sidecar["config"], to_dict(cfg)
     changed = [key for key in RESUME_INVARIANTS if saved.get(key) != now[key]]
     for key in ("batch_size", "workers"):
@@ -368,12 +373,14 @@ def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerp
             changed.append(f"data.{key}")
     if changed:
         raise CheckpointError(f"cannot resume: {', '.join(changed)} differ from the checkpoint's config")
-    saved_layout = sidecar.get("parallel", {"dp": sidecar["world_size"], "tp": 1, "pp": 1})
-    if saved_layout != layout_of(dims) and not universal.can_unsplit(saved_layout, layout_of(dims), cfg.zero_stage):
+    saved = checkpoint.saved_layout(sidecar)
+    if saved != layout_of(dims) and not universal.can_change_layout(saved, layout_of(dims), cfg.zero_stage):
         export_hint = Path(cfg.output_dir) / checkpoint.EXPORT_DIR
         raise CheckpointError(
-            f"cannot resume: the checkpoint was written at {_describe(saved_layout)}, this run is "
-            f"{_describe(layout_of(dims))}; an exact resume needs the same layout. To continue in this "
+            f"cannot resume: the checkpoint was written at {_describe(saved)}, this run is "
+            f"{_describe(layout_of(dims))}; an exact resume needs the same layout, or (with zero_stage >= 1, "
+            f"through DeepSpeed's universal checkpoint) the same dp with only tp changed or the pipeline "
+            f"unsplit (pp → 1). To continue in this "
             f"layout, start from the weights with init_from=<an export of that run, e.g. {export_hint}> "
             f"(the optimizer state starts afresh)")
     if sidecar["data_fingerprint"] != fingerprint:

@@ -8,7 +8,8 @@ from vlmtrain.models.spec import TensorParallelPlan
 BUCKET_ELEMENTS = 50_000_000
 
 
-def build_deepspeed_config(cfg: TrainConfig, dims: ParallelDims, tp_plan: TensorParallelPlan) -> dict:
+def build_deepspeed_config(cfg: TrainConfig, dims: ParallelDims, tp_plan: TensorParallelPlan,
+                           load_universal: bool = False) -> dict:
     # DeepSpeed's default buckets (5e8 elements) pin ~1.9 GiB per rank at ZeRO-3 whatever the
     # model size (measured for ViT-B/16 in BENCHMARKS.md); 5e7 keeps messages large enough.
     zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
@@ -32,6 +33,8 @@ def build_deepspeed_config(cfg: TrainConfig, dims: ParallelDims, tp_plan: Tensor
     }
     if dims.tp > 1:
         config["tensor_parallel"] = autotp_config(dims.tp, tp_plan)
+    if load_universal:  # the checkpoint to resume was converted for another layout
+        config["checkpoint"] = {"load_universal": True}
     return config
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from vlmtrain.distributed.parallel_dims import ParallelDims
+from vlmtrain.distributed.tensor_parallel import gather_tp_shards
 
 
 def full_state_dict(engine, dims: ParallelDims) -> dict[str, torch.Tensor]:
@@ -14,8 +15,8 @@ def full_state_dict(engine, dims: ParallelDims) -> dict[str, torch.Tensor]:
         from vlmtrain.distributed import pipeline
 
         return pipeline.full_state_dict(engine, dims)
-    if dims.tp > 1:
-        raise NotImplementedError("gathering tensor shards")
     module = engine.module
+    # ZeRO-3 first (each rank gets its tensor-parallel shard whole), then the tensor-parallel shards.
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        state = {**module.state_dict(), **(gather_tp_shards(module) if dims.tp > 1 else {})}
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
