@@ -114,5 +114,6 @@ def test_plan_lists_every_layout_of_the_world_and_says_why_one_is_refused():
 
 def test_a_global_batch_sets_each_layouts_micro_batch():
     cfg = tiny_run()
-    rows = {(r.zero, r.tp): r for r in plan(cfg, world=4, global_batch=64) if r.memory}
-    assert rows[(0, 1)].layout.micro_batch == 16 and rows[(0, 2)].layout.micro_batch == 32
+    rows = {(r.zero, r.tp, r.pp): r for r in plan(cfg, world=4, global_batch=64) if r.memory}
+    assert rows[(0, 1, 1)].layout.micro_batch == 16 and rows[(0, 2, 1)].layout.micro_batch == 32
+    assert rows[(0, 1, 2)].layout.micro_batch == 32  # two stages: two data-parallel replicas
