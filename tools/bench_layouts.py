@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = args.work_dir / "corpus"
     if not (corpus / "train").is_dir():
         subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--out", str(corpus),
-                        "--num-train", "2000", "--samples-per-shard", "250", "--force"],
+                        "--seed", "0", "--num-train", "2000", "--samples-per-shard", "250", "--force"],
                        check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
     results: dict[str, list[float]] = {name: [] for name in LAYOUTS}
