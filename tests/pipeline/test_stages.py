@@ -30,7 +30,8 @@ def test_every_bad_webdataset_sample_gets_its_specific_reason_or_repair_note(bad
             assert pd.isna(row["reason_validate"]), row["key"]
         elif want.startswith("note:"):
             assert pd.isna(row["reason_validate"]) and want[5:] in row["notes"], (row["key"], row["notes"])
-            assert row["width"] == 64 and row["image_out_ext"] == "png"  # stored repaired, as RGB PNG
+            # Stored under the extension of what it really is (a repaired one in its own format, as RGB).
+            assert row["width"] == 64 and row["image_out_ext"] == {"JPEG": "jpg", "PNG": "png"}[row["image_format"]]
         else:
             assert row["reason_validate"] == want, row["key"]
 
