@@ -48,7 +48,8 @@ from data_pipeline.stages.heuristics import Heuristics
 STEPS = ("score", "dedup", "embed", "write")
 # Raw bytes the later steps never need: a 1 MB caption must not travel further than the decoder.
 _DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
-_METADATA_EXCLUDED = {"image", "image_out", "thumbnail"}
+_METADATA_EXCLUDED = {"image", "image_out", "thumbnail", "signature"}
+_DEDUP_COLUMNS = {"thumbnail", "signature"}
 
 
 class PipelineError(RuntimeError):
@@ -190,7 +191,8 @@ class Run:
         return [p for p in self.parts if not (self.parts_dir / f"{p.part_id}.parquet").is_file()]
 
     def scored_rows(self, with_thumbnails: bool = False) -> pd.DataFrame:
-        """Every scored row without image bytes (with the 32×32 thumbnails when asked, for dedup)."""
+        """Every scored row without image bytes (with the thumbnails and content signatures when asked,
+        for dedup)."""
         missing = self.missing_parts()
         if missing:
             raise PipelineError(f"{len(missing)} part(s) are not scored yet (first: {missing[0].path}); "
@@ -199,7 +201,7 @@ class Run:
         for part in self.parts:
             path = self.parts_dir / f"{part.part_id}.parquet"
             columns = [c for c in pq.read_schema(path).names
-                       if c not in _METADATA_EXCLUDED or (with_thumbnails and c == "thumbnail")]
+                       if c not in _METADATA_EXCLUDED or (with_thumbnails and c in _DEDUP_COLUMNS)]
             frames.append(pq.read_table(path, columns=columns).to_pandas())
         return pd.concat(frames, ignore_index=True)
 

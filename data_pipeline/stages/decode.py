@@ -1,7 +1,7 @@
 """Decode and validate: open every image safely, decode and normalize every caption.
 
 Adds: width, height, image_format, image_mode, file_bytes, thumbnail (32×32 RGB bytes, for hashing
-and the report), image_out / image_out_ext (what the shard writer stores), caption, url, notes
+and the report), signature (the content signature that confirms near duplicates), image_out / image_out_ext (what the shard writer stores), caption, url, notes
 (repairs made: mode conversion, EXIF rotation, wrong extension) and reason_validate (why the row
 cannot be used; None when it can). A bad sample is a reason, never an exception.
 """
@@ -20,6 +20,7 @@ import pandas as pd
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from data_pipeline.config import DecodeConfig
+from data_pipeline.stages.content_signature import content_signature
 
 THUMBNAIL_SIDE = 32
 # Formats the shards hold. An image in one of them that needs no repair is stored as its own bytes; a
@@ -45,6 +46,7 @@ class ImageCheck:
     format: str | None = None
     mode: str | None = None
     thumbnail: bytes | None = None
+    signature: bytes | None = None  # content signature, for near-duplicate confirmation
     image_out: bytes | None = None  # re-encoded image, only when the original cannot be stored as is
     image_out_ext: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -77,6 +79,7 @@ def check_image(data: bytes | None, ext: str | None, max_pixels: int) -> ImageCh
     rgb, repaired = _to_rgb(image, check.notes)
     check.width, check.height = rgb.size
     check.thumbnail = rgb.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR).tobytes()
+    check.signature = content_signature(rgb)
     if repaired or image.format not in KEPT_FORMATS:
         check.image_out, check.image_out_ext = _reencode(rgb, image)
     else:
@@ -162,6 +165,7 @@ def validate(batch: pd.DataFrame, cfg: DecodeConfig) -> pd.DataFrame:
     out["image_mode"] = [c.mode for c in images]
     out["file_bytes"] = [len(d) if d is not None else 0 for d in batch["image"]]
     out["thumbnail"] = [c.thumbnail for c in images]
+    out["signature"] = [c.signature for c in images]
     out["image_out"] = [c.image_out for c in images]
     out["image_out_ext"] = [c.image_out_ext for c in images]
     out["caption"] = [text for text, _ in captions]

@@ -1,6 +1,8 @@
 """Each stage as a plain function over a pandas batch: no Ray involved."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from data_pipeline.sources import list_parts, read_part
 from data_pipeline.stages.decode import check_image, decode_caption, normalize_caption, validate
 from data_pipeline.stages.dedup import find_duplicates, near_duplicate_of
 from data_pipeline.stages.heuristics import Heuristics, repeated_word_fraction, symbol_fraction
+from tests.conftest import run_tool
 from tests.pipeline.conftest import bad_samples, encode, noise_image
 
 
@@ -163,6 +166,17 @@ def test_look_alikes_with_their_own_pixels_are_not_near_duplicates():
     # More verification chunks than candidate pairs, and a single row: nothing to find, no error.
     assert find_duplicates(rows.iloc[:2], DedupConfig(exact=False), chunks=8).empty
     assert find_duplicates(rows.iloc[:1], DedupConfig(exact=False)).empty
+
+
+def test_letterboxed_low_structure_pictures_are_told_apart_by_content_and_their_copies_still_caught():
+    # The benchmark's set: distinct noise, gradients and small objects on flat backgrounds, letterboxed
+    # to 64 px like img2dataset's resize_mode=border, a quarter with a re-encoded/resized true copy.
+    result = run_tool("tools/bench_near_duplicates.py", "--distinct", "600", "--seed", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)["letterbox"]
+    assert figures["true_duplicates"] > 100
+    assert figures["false_positive_rate"] <= 0.005, figures
+    assert figures["recall"] >= 0.95, figures
 
 
 def test_keep_one_resolution_matches_a_brute_force_reference():
