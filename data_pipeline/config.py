@@ -53,6 +53,11 @@ class HeuristicsConfig:
     # Languages the detector chooses among: fewer candidates, fewer mistakes on short captions.
     language_candidates: list[str] = field(
         default_factory=lambda: ["en", "es", "fr", "de", "it", "pt", "nl", "ru", "zh", "ja"])
+    # Short captions share words across languages: one with fewer than `language_full_letters` letters
+    # is rejected as another language only when lingua's confidence (0-1) in it beats the best
+    # allowed language by `language_margin`. See data_pipeline/stages/heuristics.py.
+    language_margin: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    language_full_letters: int = field(default=20, metadata={"min": 0})
     max_repeated_word_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     max_symbol_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     caption_blocklist: list[str] = field(default_factory=list)  # case-insensitive whole words/phrases

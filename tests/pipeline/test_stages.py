@@ -119,6 +119,14 @@ def test_language_rule_can_allow_captions_too_short_to_identify():
     assert list(out["reason_heuristics"].fillna("ok")) == ["ok", "ok", "language"]
 
 
+def test_short_english_captions_are_kept_while_foreign_captions_are_still_caught():
+    english = ["an orange star", "Digit one.", "a blue star", "digit zero", "a medium star in orange"]
+    foreign = ["die Zahl null", "el número dos", "un dessin d'un triangle vert", "links ist ein Stern in Orange"]
+    out = Heuristics(HeuristicsConfig(min_caption_chars=1, min_caption_words=1))(heuristics_batch(english + foreign))
+    assert list(out["language"][:len(english)]) == ["en"] * len(english)
+    assert list(out["reason_heuristics"].fillna("ok")) == ["ok"] * len(english) + ["language"] * len(foreign)
+
+
 def dedup_rows(images, captions, sizes=None) -> pd.DataFrame:
     rows = pd.DataFrame({"uid": [f"u{i}" for i in range(len(images))], "image": images,
                          "caption_raw": [c.encode() for c in captions], "image_ext": ["png"] * len(images)})
