@@ -25,6 +25,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
+from functools import reduce
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -37,13 +38,12 @@ from data_pipeline import embed_step
 from data_pipeline.config import CurateConfig, to_dict
 from data_pipeline.ray_runtime import ensure_ray
 from data_pipeline.select import decide, eligible_for_dedup, funnel
-from data_pipeline.select_embeddings import funnel_stages, select_by_embeddings
+from data_pipeline.registry import row_reason, row_stages, run_stages
+from data_pipeline.select_embeddings import select_by_embeddings
 from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_json_atomic, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
-from data_pipeline.stages.decode import validate
 from data_pipeline.stages.dedup import find_duplicates
 from data_pipeline.stages.near_duplicates import serial_map
-from data_pipeline.stages.heuristics import Heuristics
 
 STEPS = ("score", "dedup", "embed", "write")
 # Raw bytes the later steps never need: a 1 MB caption must not travel further than the decoder.
@@ -59,10 +59,16 @@ class PipelineError(RuntimeError):
 # ------------------------------------------------------------------ plain functions (workers and driver)
 
 
-def score_part(part: Part, cfg: CurateConfig, heuristics: Heuristics, parts_dir: Path) -> dict:
-    """Read one input file, run every per-row stage, store the scored rows; return a summary."""
+def row_stage_functions(cfg: CurateConfig) -> list[Callable[[pd.DataFrame], pd.DataFrame]]:
+    """The registry's row-wise stages built for this run, in order (once per worker: some are costly)."""
+    return [stage.build(cfg) for stage in row_stages()]
+
+
+def score_part(part: Part, cfg: CurateConfig, functions: list[Callable[[pd.DataFrame], pd.DataFrame]],
+               parts_dir: Path) -> dict:
+    """Read one input file, run every row-wise stage, store the scored rows; return a summary."""
     raw = read_part(part, cfg.sources[part.source_index])
-    batches = [heuristics(validate(raw.iloc[start:start + cfg.batch_rows], cfg.decode))
+    batches = [reduce(lambda batch, function: function(batch), functions, raw.iloc[start:start + cfg.batch_rows])
                for start in range(0, max(len(raw), 1), cfg.batch_rows)]
     scored = pd.concat(batches, ignore_index=True).drop(columns=_DROPPED_AFTER_SCORING)
     scored.insert(0, "part_id", part.part_id)
@@ -70,19 +76,19 @@ def score_part(part: Part, cfg: CurateConfig, heuristics: Heuristics, parts_dir:
     tmp = path.with_suffix(".parquet.tmp")
     pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
     os.replace(tmp, path)
-    reasons = scored["reason_validate"].fillna(scored["reason_heuristics"]).dropna()
+    reasons = row_reason(scored).dropna()
     return {"part_id": part.part_id, "rows": len(scored), "rejected": dict(Counter(reasons))}
 
 
 class PartScorer:
-    """A Ray Data actor: builds the heuristics (the language model) once, then scores parts."""
+    """A Ray Data actor: builds the row-wise stages (the language model) once, then scores parts."""
 
     def __init__(self, cfg: CurateConfig, parts_dir: str):
         self.cfg, self.parts_dir = cfg, Path(parts_dir)
-        self.heuristics = Heuristics(cfg.heuristics)
+        self.functions = row_stage_functions(cfg)
 
     def __call__(self, batch: dict) -> dict:
-        summaries = [score_part(Part(part_id, int(source), path), self.cfg, self.heuristics, self.parts_dir)
+        summaries = [score_part(Part(part_id, int(source), path), self.cfg, self.functions, self.parts_dir)
                      for part_id, source, path in zip(batch["part_id"], batch["source_index"], batch["path"])]
         return {"summary": [json.dumps(s) for s in summaries]}
 
@@ -143,9 +149,9 @@ class LocalExecutor:
         self.cfg = cfg
 
     def score(self, parts: list[Part], parts_dir: Path) -> Iterator[dict]:
-        heuristics = Heuristics(self.cfg.heuristics)
+        functions = row_stage_functions(self.cfg)
         for part in parts:
-            yield score_part(part, self.cfg, heuristics, parts_dir)
+            yield score_part(part, self.cfg, functions, parts_dir)
 
     def write_shards(self, plans: list[ShardPlan], parts_dir: Path, out_dir: Path) -> list[dict]:
         return [write_shard(plan, parts_dir, out_dir) for plan in plans]
@@ -256,17 +262,17 @@ def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None
                 embed_step.embed(plan, cfg, use_ray, log)
         if "write" not in steps:
             return None
-        later_stages = []
+        embedding = None  # the embedding stages count in the funnel only when they ran
         if plan is not None and plan.pool is not None:
             decisions = _select_by_embeddings(decisions, plan, cfg, log)
-            later_stages = funnel_stages(cfg.embedding)
+            embedding = cfg.embedding
         kept = rows.loc[decisions["kept"].to_numpy(), ["part_id", "uid"]]
         plans = plan_shards(kept, cfg.output.samples_per_shard)
         _reset_shards_if_replanned(state, plans)
         infos = executor_started().write_shards(plans, state.parts_dir, state.shards_dir) if plans else []
         _write_parquet(decisions, state.decisions)
         manifest = {
-            "funnel": funnel(decisions, later_stages),
+            "funnel": funnel(decisions, run_stages(embedding)),
             "shards": infos,
             "decisions": {"path": state.decisions.name, "sha256": file_sha256(state.decisions)},
             "config": to_dict(cfg),

@@ -10,11 +10,12 @@ from PIL import Image
 
 from data_pipeline.config import ConfigError, DecodeConfig, DedupConfig, HeuristicsConfig, SourceConfig, \
     load_curate_config
+from data_pipeline.registry import Stage, run_stages
 from data_pipeline.select import decide, funnel
 from data_pipeline.sources import list_parts, read_part
 from data_pipeline.stages.decode import check_image, decode_caption, normalize_caption, validate
 from data_pipeline.stages.dedup import find_duplicates, near_duplicate_of
-from data_pipeline.stages.heuristics import Heuristics, repeated_word_fraction, symbol_fraction
+from data_pipeline.stages.heuristics import RULES, Heuristics, repeated_word_fraction, symbol_fraction
 from tests.conftest import run_tool
 from tests.pipeline.conftest import bad_samples, encode, noise_image
 
@@ -210,7 +211,6 @@ def test_selection_gives_the_first_reason_in_pipeline_order_and_counts_add_up():
                    "file_bytes", "url", "caption_chars", "caption_words", "min_side", "aspect_ratio", "language",
                    "language_confidence", "repeated_word_fraction", "symbol_fraction"):
         rows[column] = None
-    from data_pipeline.stages.heuristics import RULES
     for rule in RULES:
         rows[f"flag_{rule}"] = [False, rule == "caption_chars", rule == "language", False]
     decisions = decide(rows, pd.DataFrame({"uid": ["d"], "reason_dedup": ["near_duplicate"], "duplicate_of": ["a"]}))
@@ -218,6 +218,24 @@ def test_selection_gives_the_first_reason_in_pipeline_order_and_counts_add_up():
     counts = funnel(decisions)
     assert counts["rows"] == {"read": 4, "validate": 3, "heuristics": 2, "exact_dedup": 2, "near_dedup": 1, "kept": 1}
     assert sum(counts["rejected_by_reason"].values()) + counts["rows"]["kept"] == 4
+
+
+def test_the_funnel_is_the_registry_order_and_a_new_stage_counts_with_its_entry_alone():
+    # A toy stage after near-duplicate removal: its registry entry is all the funnel needs.
+    toy = Stage("toy_filter", "toy", ("toy_reason",), "a stage this test adds")
+    decisions = pd.DataFrame({"reason": [None, "unreadable_tar: boom", "language", "near_duplicate", "toy_reason"]})
+    decisions["kept"] = decisions["reason"].isna()
+    for rule in RULES:
+        decisions[f"flag_{rule}"] = decisions["reason"] == rule
+    counts = funnel(decisions, [*run_stages(), toy])
+    assert counts["rows"] == {"read": 5, "validate": 4, "heuristics": 3, "exact_dedup": 3, "near_dedup": 2,
+                              "toy_filter": 1, "kept": 1}
+    # Without embedding settings a run has no embedding stage; with them, the enabled ones in order.
+    assert [s.name for s in run_stages()] == ["validate", "heuristics", "exact_dedup", "near_dedup"]
+    enabled = load_curate_config(None, ["output_dir=x", "sources=[{path: a}]", "embedding.model.checkpoint=m",
+                                        "embedding.balance.enabled=true", "embedding.balance.target_size=10",
+                                        "embedding.copy_dedup.enabled=true"])
+    assert [s.name for s in run_stages(enabled.embedding)][4:] == ["copy_dedup", "balance"]
 
 
 def test_config_errors_name_the_key(tmp_path):
