@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR := $(BUILD)/torch_extensions
 export RAY_TMPDIR := $(BUILD)/ray
 export MPLCONFIGDIR := $(BUILD)/matplotlib
 
-.PHONY: setup demo test clean
+.PHONY: setup clip-benchmark demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# CLIP_benchmark 1.6.2, the reference the eval tests compare against. Its own requirements would pull
+# transformers (and its wds loader breaks on numpy >= 2.4), so it goes into build/ with --no-deps, with
+# the only other things it imports (pycocoevalcap; requests is in the venv) and a numpy it accepts; the
+# tests put this folder in front of the venv (PYTHONPATH), so it runs on the venv's torch and open_clip.
+CLIP_BENCHMARK := $(BUILD)/clip_benchmark
+$(CLIP_BENCHMARK)/.installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --target $(CLIP_BENCHMARK) "numpy>=2,<2.4" clip_benchmark==1.6.2 pycocoevalcap==1.2
+	touch $@
+
+clip-benchmark: $(CLIP_BENCHMARK)/.installed
+
 demo: setup
 	$(PY) tools/run_demo.py --out demo_out
 
-test: setup
+test: setup clip-benchmark
 	$(PY) -m pytest
 
 clean:

@@ -5,10 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_pipeline import registry
 from data_pipeline.config import load_curate_config
 from vlmtrain.errors import UserError
 
-EPILOG = """\
+_COMMANDS = """\
 commands:
   run CONFIG [key=value ...]     score → dedup → [embed] → write; a rerun after a kill resumes
   score | dedup | write CONFIG   one step (each needs the step before it to have run)
@@ -18,13 +19,13 @@ commands:
   bootstrap CONFIG --rounds R    train a scorer on a curated pool, prune it by CLIP score, retrain;
                                  a rounds table (JSON + PNG); a rerun resumes at the first unfinished round
 
-embedding stages (optional `embedding:` section; configs/curate/embedding_stages.yaml):
-  the embed step runs a CLIP model (embedding.model) over the rows heuristics and dedup kept, then the
-  write step applies, in this order, each enabled stage to the rows still kept:
-  clip_score → copy_dedup → semdedup → decontaminate (eval_sets) → retrieval (seed_sets) → balance
-  every drop is recorded in decisions.parquet (clip_score_below_threshold / clip_score_not_in_top_fraction,
-  copy_duplicate, semantic_duplicate, eval_contamination, not_retrieved, not_sampled) and in the funnel;
-  changing only the embedding section reuses the scored parts and the embeddings of the same model
+stages, in order (config section; the reasons it records in decisions.parquet and the funnel):
+"""
+_STAGES_NOTE = """\
+  the embedding stages (*) run only when their `embedding:` section enables them
+  (configs/curate/embedding_stages.yaml): the embed step runs a CLIP model (embedding.model) over the
+  rows heuristics and dedup kept; changing only the embedding section reuses the scored parts and the
+  embeddings of the same model
 
 outputs under output_dir:
   shards/shard-NNNNNN.tar   webdataset samples (jpg/png/webp, txt, json) ready for vlm-train
@@ -38,6 +39,19 @@ examples:
 """
 
 
+def stage_table() -> str:
+    """One line per registered stage: name (* = embedding stage), config section, summary, reasons."""
+    lines = []
+    for stage in registry.STAGES:
+        name = f"{stage.name}{'*' if stage.embedding else ''}"
+        reasons = ", ".join(stage.reasons) or "missing_image, truncated_tar, undecodable_image, ..."
+        lines += [f"  {name:<15} [{stage.section}] {stage.summary}", f"  {'':<15} {reasons}"]
+    return "\n".join(lines) + "\n"
+
+
+EPILOG = _COMMANDS + stage_table() + _STAGES_NOTE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-curate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -45,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "webdataset shards plus a record of why each sample was kept or rejected.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_help = ("all steps, resuming finished work: score, dedup, embed (CLIP embeddings, when the config has "
-                "an embedding section) and write (selection: heuristics, dedup, then the enabled embedding stages "
-                "clip_score, copy_dedup, semdedup, decontaminate, retrieval, balance)")
+                "an embedding section) and write (selection: the stages below, in order)")
     for name, text in (("run", run_help), ("score", "read, decode, filter, hash"),
                        ("dedup", "exact and near-duplicate search"), ("write", "select, write shards + manifest")):
         step = commands.add_parser(name, help=text, description=text)

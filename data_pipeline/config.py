@@ -60,6 +60,11 @@ class HeuristicsConfig:
     # Languages the detector chooses among: fewer candidates, fewer mistakes on short captions.
     language_candidates: list[str] = field(
         default_factory=lambda: ["en", "es", "fr", "de", "it", "pt", "nl", "ru", "zh", "ja"])
+    # Short captions share words across languages: one with fewer than `language_full_letters` letters
+    # is rejected as another language only when lingua's confidence (0-1) in it beats the best
+    # allowed language by `language_margin`. See data_pipeline/stages/heuristics.py.
+    language_margin: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    language_full_letters: int = field(default=20, metadata={"min": 0})
     max_repeated_word_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     max_symbol_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     caption_blocklist: list[str] = field(default_factory=list)  # case-insensitive whole words/phrases
@@ -73,12 +78,14 @@ class DedupConfig:
     # Near duplicates (re-encodes, resizes, crops up to `max_crop` a side): each row's `neighbours`
     # nearest rows by a colour thumbnail are aligned to it (the smaller image searched as a window
     # of the larger one); a pair is a duplicate when the aligned thumbnails differ by at most
-    # `max_residual` RMS (0-255 levels), after a cheaper grey pre-check at `coarse_residual`.
-    # See data_pipeline/stages/near_duplicates.py.
+    # `max_residual` RMS (0-255 levels), after a cheaper grey pre-check at `coarse_residual`, and
+    # their content signatures (inside letterbox bars) differ by at most `max_content_distance`
+    # (0: equal contents, ≈1: unrelated ones). See data_pipeline/stages/near_duplicates.py.
     neighbours: int = field(default=10, metadata={"min": 1})
     max_crop: float = field(default=0.1, metadata={"min": 0.0, "max": 0.4})
     coarse_residual: float = field(default=9.0, metadata={"min": 0.0})
     max_residual: float = field(default=3.5, metadata={"min": 0.0})
+    max_content_distance: float = field(default=0.7, metadata={"min": 0.0})
 
 
 @dataclass

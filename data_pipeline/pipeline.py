@@ -25,6 +25,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import asdict
+from functools import reduce
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -37,13 +38,12 @@ from data_pipeline import embed_step, inputs
 from data_pipeline.config import CurateConfig, to_dict
 from data_pipeline.ray_runtime import ensure_ray
 from data_pipeline.select import decide, eligible_for_dedup, funnel
-from data_pipeline.select_embeddings import funnel_stages, select_by_embeddings
+from data_pipeline.registry import row_reason, row_stages, run_stages
+from data_pipeline.select_embeddings import select_by_embeddings
 from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
-from data_pipeline.stages.decode import validate
 from data_pipeline.stages.dedup import find_duplicates
 from data_pipeline.stages.near_duplicates import serial_map
-from data_pipeline.stages.heuristics import Heuristics
 from vlmtrain import atomic
 from vlmtrain.errors import UserError
 from vlmtrain.runlock import RunLock
@@ -51,7 +51,8 @@ from vlmtrain.runlock import RunLock
 STEPS = ("score", "dedup", "embed", "write")
 # Raw bytes the later steps never need: a 1 MB caption must not travel further than the decoder.
 _DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
-_METADATA_EXCLUDED = {"image", "image_out", "thumbnail"}
+_METADATA_EXCLUDED = {"image", "image_out", "thumbnail", "signature"}
+_DEDUP_COLUMNS = {"thumbnail", "signature"}
 STAMP_VERSION = 2  # .work/fingerprint.json: version 1 compared names and sizes only
 
 
@@ -62,28 +63,34 @@ class PipelineError(UserError):
 # ------------------------------------------------------------------ plain functions (workers and driver)
 
 
-def score_part(part: Part, cfg: CurateConfig, heuristics: Heuristics, parts_dir: Path) -> dict:
-    """Read one input file, run every per-row stage, store the scored rows; return a summary."""
+def row_stage_functions(cfg: CurateConfig) -> list[Callable[[pd.DataFrame], pd.DataFrame]]:
+    """The registry's row-wise stages built for this run, in order (once per worker: some are costly)."""
+    return [stage.build(cfg) for stage in row_stages()]
+
+
+def score_part(part: Part, cfg: CurateConfig, functions: list[Callable[[pd.DataFrame], pd.DataFrame]],
+               parts_dir: Path) -> dict:
+    """Read one input file, run every row-wise stage, store the scored rows; return a summary."""
     raw = read_part(part, cfg.sources[part.source_index])
-    batches = [heuristics(validate(raw.iloc[start:start + cfg.batch_rows], cfg.decode))
+    batches = [reduce(lambda batch, function: function(batch), functions, raw.iloc[start:start + cfg.batch_rows])
                for start in range(0, max(len(raw), 1), cfg.batch_rows)]
     scored = pd.concat(batches, ignore_index=True).drop(columns=_DROPPED_AFTER_SCORING)
     scored.insert(0, "part_id", part.part_id)
     with atomic.replacing(parts_dir / f"{part.part_id}.parquet") as tmp:
         pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
-    reasons = scored["reason_validate"].fillna(scored["reason_heuristics"]).dropna()
+    reasons = row_reason(scored).dropna()
     return {"part_id": part.part_id, "rows": len(scored), "rejected": dict(Counter(reasons))}
 
 
 class PartScorer:
-    """A Ray Data actor: builds the heuristics (the language model) once, then scores parts."""
+    """A Ray Data actor: builds the row-wise stages (the language model) once, then scores parts."""
 
     def __init__(self, cfg: CurateConfig, parts_dir: str):
         self.cfg, self.parts_dir = cfg, Path(parts_dir)
-        self.heuristics = Heuristics(cfg.heuristics)
+        self.functions = row_stage_functions(cfg)
 
     def __call__(self, batch: dict) -> dict:
-        summaries = [score_part(Part(part_id, int(source), path), self.cfg, self.heuristics, self.parts_dir)
+        summaries = [score_part(Part(part_id, int(source), path), self.cfg, self.functions, self.parts_dir)
                      for part_id, source, path in zip(batch["part_id"], batch["source_index"], batch["path"])]
         return {"summary": [json.dumps(s) for s in summaries]}
 
@@ -144,9 +151,9 @@ class LocalExecutor:
         self.cfg = cfg
 
     def score(self, parts: list[Part], parts_dir: Path) -> Iterator[dict]:
-        heuristics = Heuristics(self.cfg.heuristics)
+        functions = row_stage_functions(self.cfg)
         for part in parts:
-            yield score_part(part, self.cfg, heuristics, parts_dir)
+            yield score_part(part, self.cfg, functions, parts_dir)
 
     def write_shards(self, plans: list[ShardPlan], parts_dir: Path, out_dir: Path) -> list[dict]:
         return [write_shard(plan, parts_dir, out_dir) for plan in plans]
@@ -201,7 +208,8 @@ class Run:
         return [p for p in self.parts if not (self.parts_dir / f"{p.part_id}.parquet").is_file()]
 
     def scored_rows(self, with_thumbnails: bool = False) -> pd.DataFrame:
-        """Every scored row without image bytes (with the 32×32 thumbnails when asked, for dedup)."""
+        """Every scored row without image bytes (with the thumbnails and content signatures when asked,
+        for dedup)."""
         missing = self.missing_parts()
         if missing:
             raise PipelineError(f"{len(missing)} part(s) are not scored yet (first: {missing[0].path}); "
@@ -210,7 +218,7 @@ class Run:
         for part in self.parts:
             path = self.parts_dir / f"{part.part_id}.parquet"
             columns = [c for c in pq.read_schema(path).names
-                       if c not in _METADATA_EXCLUDED or (with_thumbnails and c == "thumbnail")]
+                       if c not in _METADATA_EXCLUDED or (with_thumbnails and c in _DEDUP_COLUMNS)]
             frames.append(pq.read_table(path, columns=columns).to_pandas())
         return pd.concat(frames, ignore_index=True)
 
@@ -275,17 +283,17 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
                 embed_step.embed(plan, cfg, use_ray, log)
         if "write" not in steps:
             return None
-        later_stages = []
+        embedding = None  # the embedding stages count in the funnel only when they ran
         if plan is not None and plan.pool is not None:
             decisions = _select_by_embeddings(decisions, plan, cfg, log)
-            later_stages = funnel_stages(cfg.embedding)
+            embedding = cfg.embedding
         kept = rows.loc[decisions["kept"].to_numpy(), ["part_id", "uid"]]
         plans = plan_shards(kept, cfg.output.samples_per_shard)
         _reset_shards_if_replanned(state, plans)
         infos = executor_started().write_shards(plans, state.parts_dir, state.shards_dir) if plans else []
         _write_parquet(decisions, state.decisions)
         manifest = {
-            "funnel": funnel(decisions, later_stages),
+            "funnel": funnel(decisions, run_stages(embedding)),
             "shards": infos,
             "decisions": {"path": state.decisions.name, "sha256": file_sha256(state.decisions)},
             "inputs": [{k: entry[k] for k in ("path", "size", "sha256")} for entry in state.inputs],

@@ -34,31 +34,13 @@ import pandas as pd
 
 from data_pipeline.config import EmbeddingConfig
 from data_pipeline.embed_step import Embedded
-from data_pipeline.stages.clip_score import REASONS as CLIP_SCORE_REASONS
+from data_pipeline.registry import stage
 from data_pipeline.stages.clip_score import select_by_clip_score
 from data_pipeline.vector import (BalancedSamplingConfig, ClusterRetrievalConfig, CopyDedupConfig,
                                   DecontaminationConfig, HierarchicalKMeansConfig, IndexConfig, SampleRetrievalConfig,
                                   SemDedupConfig, balanced_sampling, copy_dedup, decontaminate, hierarchical_kmeans,
                                   retrieve_by_cluster, retrieve_by_sample, semdedup)
-from data_pipeline.vector.balance import REASON as NOT_SAMPLED
-from data_pipeline.vector.copy_dedup import REASON as COPY_DUPLICATE
-from data_pipeline.vector.decontaminate import REASON as EVAL_CONTAMINATION
-from data_pipeline.vector.retrieval import REASON as NOT_RETRIEVED
-from data_pipeline.vector.semdedup import REASON as SEMANTIC_DUPLICATE
 
-STAGE_REASONS: dict[str, tuple[str, ...]] = {
-    "clip_score": tuple(CLIP_SCORE_REASONS.values()),
-    "copy_dedup": (COPY_DUPLICATE,),
-    "semdedup": (SEMANTIC_DUPLICATE,),
-    "decontaminate": (EVAL_CONTAMINATION,),
-    "retrieval": (NOT_RETRIEVED,),
-    "balance": (NOT_SAMPLED,),
-}
-
-
-def funnel_stages(cfg: EmbeddingConfig) -> list[tuple[str, tuple[str, ...]]]:
-    """(stage, its reasons) of the enabled stages, in order: what ``select.funnel`` counts after near_dedup."""
-    return [(name, STAGE_REASONS[name]) for name in cfg.enabled_stages()]
 
 
 def select_by_embeddings(decisions: pd.DataFrame, pool: Embedded, eval_sets: Embedded | None,
@@ -86,7 +68,7 @@ def select_by_embeddings(decisions: pd.DataFrame, pool: Embedded, eval_sets: Emb
             keep, columns = stages[name](vectors, rows)
         for warning in caught:
             log(f"{name}: warning: {warning.message}")
-        decisions = _record(decisions, rows, keep, STAGE_REASONS[name][0], columns)
+        decisions = _record(decisions, rows, keep, stage(name).reasons[0], columns)
         log(f"{name}: {int((~keep).sum())} of {len(rows)} rows dropped")
     return decisions
 

@@ -23,8 +23,9 @@ Layout written under --out (see ``--help`` for details)::
     train/shard-000000.tar ...   webdataset samples: jpg, txt, json
     train/index.parquet          one row per train sample, incl. its noise kind
     eval/shapes/  eval/digits/   classnames.txt, zeroshot_classification_templates.txt,
-                                 test/000000.tar ... (jpg, cls, txt, json)
-    eval/retrieval/test/*.tar    jpg + two captions per image ("\\n"-joined txt)
+                                 test/nshards.txt, test/0.tar ... (jpg, cls, txt, json)
+    eval/retrieval/              dataset_type.txt ("retrieval"), test/nshards.txt, test/0.tar ...:
+                                 jpg + two captions per image ("\\n"-joined txt)
     manifest.json                seed, sizes, counts, noise counts, class lists
 """
 
@@ -51,7 +52,7 @@ from sklearn.datasets import load_digits
 from tqdm import tqdm
 from webdataset import TarWriter
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"  # 1.1: eval sets in CLIP_benchmark's exact wds layout (nshards.txt, 0.tar …)
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -743,6 +744,10 @@ def digit_eval_items(seed: int, per_class: int, held_out: np.ndarray, targets: n
     return items
 
 
+# CLIP_benchmark's wds loader reads test/nshards.txt and then exactly test/0.tar ... test/{n-1}.tar.
+EVAL_SHARD_NAME = "{:d}.tar"
+
+
 def write_classification(
     writer: Writer, name: str, items: Sequence[tuple[int, Content]], classnames: Sequence[str], templates: Sequence[str]
 ) -> int:
@@ -750,7 +755,7 @@ def write_classification(
     root = f"eval/{name}"
     _write_text_lines(writer.out / root / "classnames.txt", classnames)
     _write_text_lines(writer.out / root / "zeroshot_classification_templates.txt", templates)
-    sink = writer.sink(f"{root}/test", "{:06d}.tar")
+    sink = writer.sink(f"{root}/test", EVAL_SHARD_NAME)
     split = f"eval-{name}"
     for i, (cls, content) in enumerate(items):
         text = caption(content, _rng(writer.seed, split, i, "caption"))
@@ -758,12 +763,13 @@ def write_classification(
         sink.write({**sample, "cls": str(cls).encode()})
         writer.bar.update()
     sink.close()
+    _write_text_lines(writer.out / root / "test" / "nshards.txt", [str(len(sink.names))])
     return len(items)
 
 
 def write_retrieval(writer: Writer, held_out: np.ndarray, targets: np.ndarray) -> int:
     """Write eval/retrieval/: fresh clean scenes and held-out digits with two captions each."""
-    sink = writer.sink("eval/retrieval/test", "{:06d}.tar")
+    sink = writer.sink("eval/retrieval/test", EVAL_SHARD_NAME)
     split = "eval-retrieval"
     for i in range(RETRIEVAL_SIZE):
         rng = _rng(writer.seed, split, i, "content")
@@ -773,6 +779,8 @@ def write_retrieval(writer: Writer, held_out: np.ndarray, targets: np.ndarray) -
         sink.write(_eval_sample(writer, split, i, content, "\n".join(texts), {}))
         writer.bar.update()
     sink.close()
+    _write_text_lines(writer.out / "eval/retrieval/test/nshards.txt", [str(len(sink.names))])
+    _write_text_lines(writer.out / "eval/retrieval/dataset_type.txt", ["retrieval"])
     return RETRIEVAL_SIZE
 
 
@@ -915,8 +923,10 @@ what is generated:
   eval/shapes/            zero-shot classification, 24 classes "<colour> <shape>"
   eval/digits/            zero-shot classification on held-out digits ("zero".."nine")
                           (CLIP_benchmark layout: classnames.txt,
-                          zeroshot_classification_templates.txt, test/NNNNNN.tar with cls)
-  eval/retrieval/         300 clean images with two captions each ("\\n"-joined txt)
+                          zeroshot_classification_templates.txt, test/nshards.txt,
+                          test/0.tar ... test/N-1.tar with cls)
+  eval/retrieval/         300 clean images with two captions each ("\\n"-joined txt),
+                          dataset_type.txt, test/nshards.txt, test/0.tar ...
   manifest.json           seed, image size, counts, noise counts, class lists
 
 Eval sets are clean, freshly drawn and independent of --num-train.

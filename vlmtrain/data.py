@@ -5,8 +5,9 @@ The sample order is a pure function of (seed, data-parallel rank, loader worker,
 * Each *reader slot* (one per rank × loader worker) follows an endless shard sequence per source:
   whole-list epochs, each a fresh permutation split across slots (every shard once per epoch), or,
   with ``resample``, shards drawn with replacement.
-* Shard samples pass a seeded shuffle buffer; several sources are interleaved by a seeded weighted
-  choice per position; random augmentation is seeded per position too.
+* Shard samples pass a seeded shuffle buffer that is emptied at each epoch's end, so an epoch shows
+  every sample at most once per rank whatever the buffer size; several sources are interleaved by
+  a seeded weighted choice per position; random augmentation is seeded per position too.
 
 So the loader's whole state is a cursor: how many raw samples each slot has consumed (corrupt ones
 included) and which worker's batch comes next. Resuming replays the raw stream up to the cursor
@@ -151,22 +152,28 @@ class ReaderSlot:
             yield next(streams[chooser.choice(len(streams), p=probabilities)])
 
     def _source_samples(self, source: int) -> Iterator[dict]:
-        urls = ({"url": url} for url in self._shard_sequence(source))
-        samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(urls)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}/{source}/{self.slot}")
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        return iter(samples)
+        """One source's samples, epoch after epoch. The shuffle buffer is per epoch and empties at
+        the epoch's end: a buffer larger than the slot's share of the pool would otherwise mix the
+        next epoch's copies of the same samples into this one."""
+        for epoch, shards in enumerate(self._shard_epochs(source)):
+            samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)({"url": url} for url in shards)
+            if self.shuffle_buffer > 1:
+                rng = random.Random(f"{self.seed}/{source}/{self.slot}/{epoch}")
+                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+            yield from samples
 
-    def _shard_sequence(self, source: int) -> Iterator[str]:
+    def _shard_epochs(self, source: int) -> Iterator[Iterator[str]]:
+        """This slot's shards, epoch by epoch: its share of a fresh permutation of the whole list each
+        epoch (every shard once per epoch across slots), or, with ``resample``, one endless epoch
+        of shards drawn with replacement."""
         shards = self.sources[source]
         if self.resample:
             rng = np.random.default_rng([self.seed, source, self.slot])
-            while True:
-                yield shards[rng.integers(len(shards))]
+            yield (shards[rng.integers(len(shards))] for _ in itertools.count())
+            return
         for epoch in itertools.count():
             order = np.random.default_rng([self.seed, source, epoch]).permutation(len(shards))
-            yield from (shards[i] for i in order[self.slot::self.num_slots])
+            yield (shards[i] for i in order[self.slot::self.num_slots])
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Decode and validate: open every image safely, decode and normalize every caption.
 
 Adds: width, height, image_format, image_mode, file_bytes, thumbnail (32×32 RGB bytes, for hashing
-and the report), image_out / image_out_ext (what the shard writer stores), caption, url, notes
+and the report), signature (the content signature that confirms near duplicates), image_out / image_out_ext (what the shard writer stores), caption, url, notes
 (repairs made: mode conversion, EXIF rotation, wrong extension) and reason_validate (why the row
 cannot be used; None when it can). A bad sample is a reason, never an exception.
 """
@@ -17,13 +17,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from data_pipeline.config import DecodeConfig
+from data_pipeline.stages.content_signature import content_signature
 
 THUMBNAIL_SIDE = 32
-# Formats stored as they came; anything else (or a repaired image) is re-encoded as PNG.
+# Formats the shards hold. An image in one of them that needs no repair is stored as its own bytes; a
+# repaired one is re-encoded in its own format; any other format becomes PNG.
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# Quality for re-encoding a lossy source: high, so a rotation costs little beyond the source's own loss.
+REENCODE_QUALITY = 95
+# Modes whose colour profile (if any) still describes the RGB result; a CMYK or grey profile does not.
+_RGB_SPACE_MODES = {"RGB", "RGBA", "RGBa", "P", "PA"}
+# EXIF orientation → the transpose that makes the image upright (1 or absent: already upright).
+_ORIENTATION_FIX = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 _EXT_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
                 "tif": "TIFF", "tiff": "TIFF"}
 _SPACE = re.compile(r"\s+")
@@ -36,6 +46,7 @@ class ImageCheck:
     format: str | None = None
     mode: str | None = None
     thumbnail: bytes | None = None
+    signature: bytes | None = None  # content signature, for near-duplicate confirmation
     image_out: bytes | None = None  # re-encoded image, only when the original cannot be stored as is
     image_out_ext: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -68,22 +79,36 @@ def check_image(data: bytes | None, ext: str | None, max_pixels: int) -> ImageCh
     rgb, repaired = _to_rgb(image, check.notes)
     check.width, check.height = rgb.size
     check.thumbnail = rgb.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR).tobytes()
+    check.signature = content_signature(rgb)
     if repaired or image.format not in KEPT_FORMATS:
-        buffer = io.BytesIO()
-        rgb.save(buffer, format="PNG")
-        check.image_out, check.image_out_ext = buffer.getvalue(), "png"
+        check.image_out, check.image_out_ext = _reencode(rgb, image)
     else:
         check.image_out_ext = KEPT_FORMATS[image.format]
     return check
 
 
+def _reencode(rgb: Image.Image, source: Image.Image) -> tuple[bytes, str]:
+    """The repaired image in the source's format when the shards keep it (all of them hold 8-bit RGB),
+    else PNG; the colour profile goes along, the EXIF (and its orientation) does not."""
+    fmt = source.format if source.format in KEPT_FORMATS else "PNG"
+    profile = source.info.get("icc_profile") if source.mode in _RGB_SPACE_MODES else None
+    options = {"icc_profile": profile} if profile else {}
+    if fmt in ("JPEG", "WEBP"):
+        options["quality"] = REENCODE_QUALITY
+    buffer = io.BytesIO()
+    rgb.save(buffer, format=fmt, **options)
+    return buffer.getvalue(), KEPT_FORMATS[fmt]
+
+
 def _to_rgb(image: Image.Image, notes: list[str]) -> tuple[Image.Image, bool]:
-    """RGB, upright, 8-bit: alpha composited on white, 16-bit scaled, CMYK and palettes converted."""
+    """RGB, upright, 8-bit: alpha composited on white, 16-bit scaled, CMYK and palettes converted.
+    Returns the image itself (not a copy) when nothing needed changing."""
     repaired = False
-    upright = ImageOps.exif_transpose(image)
-    if upright is not image:
+    # Read the tag ourselves: ImageOps.exif_transpose returns a copy even when nothing rotates.
+    fix = _ORIENTATION_FIX.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    if fix is not None:
         notes.append("exif_rotated")
-        image, repaired = upright, True
+        image, repaired = image.transpose(fix), True
     mode = image.mode
     if mode == "RGB":
         return image, repaired
@@ -140,6 +165,7 @@ def validate(batch: pd.DataFrame, cfg: DecodeConfig) -> pd.DataFrame:
     out["image_mode"] = [c.mode for c in images]
     out["file_bytes"] = [len(d) if d is not None else 0 for d in batch["image"]]
     out["thumbnail"] = [c.thumbnail for c in images]
+    out["signature"] = [c.signature for c in images]
     out["image_out"] = [c.image_out for c in images]
     out["image_out_ext"] = [c.image_out_ext for c in images]
     out["caption"] = [text for text, _ in captions]

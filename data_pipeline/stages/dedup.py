@@ -1,8 +1,9 @@
 """Deduplication: exact (sha256 of the image bytes) and perceptual near duplicates.
 
 Both are global (every row must meet every other), so they run on the driver over small columns:
-sha256 for exact duplicates, and for near duplicates the 32×32 thumbnail the decode stage made
-(3 kB a row; see ``near_duplicates`` for the search, which catches re-encodes, resizes and crops).
+sha256 for exact duplicates, and for near duplicates the 32×32 thumbnail and the content signature
+the decode stage made (3 kB + 1 kB a row; see ``near_duplicates`` for the search, which catches
+re-encodes, resizes and crops).
 
 Only rows that passed decode and heuristics take part: a rejected row must not remove the
 acceptable copy of itself. Keep-one rule, the same for both kinds: rows are ranked by pixel count
@@ -18,7 +19,8 @@ import pandas as pd
 
 from data_pipeline.config import DedupConfig
 from data_pipeline.stages.decode import THUMBNAIL_SIDE
-from data_pipeline.stages.near_duplicates import NearDuplicateSearch, matching_pairs, serial_map
+from data_pipeline.stages.content_signature import Signatures
+from data_pipeline.stages.near_duplicates import Fingerprints, NearDuplicateSearch, matching_pairs, serial_map
 
 
 def keep_order(rows: pd.DataFrame) -> np.ndarray:
@@ -29,7 +31,7 @@ def keep_order(rows: pd.DataFrame) -> np.ndarray:
 
 def find_duplicates(rows: pd.DataFrame, cfg: DedupConfig, map_shared: Callable = serial_map,
                     chunks: int = 1) -> pd.DataFrame:
-    """``rows``: eligible rows with uid, sha256, caption, width, height, file_bytes, thumbnail.
+    """``rows``: eligible rows with uid, sha256, caption, width, height, file_bytes, thumbnail, signature.
     ``map_shared`` and ``chunks``: how the near-duplicate verification is spread (see ``matching_pairs``).
 
     Returns uid, reason_dedup, duplicate_of for the rows found to be duplicates.
@@ -49,8 +51,10 @@ def find_duplicates(rows: pd.DataFrame, cfg: DedupConfig, map_shared: Callable =
         candidates = np.flatnonzero(survivors)
         subset = rows.iloc[candidates]
         pixels = subset["width"].astype("int64").to_numpy() * subset["height"].astype("int64").to_numpy()
-        search = NearDuplicateSearch(cfg.neighbours, cfg.max_crop, cfg.coarse_residual, cfg.max_residual)
-        pairs = matching_pairs(thumbnail_array(subset["thumbnail"]), pixels, search, map_shared, chunks)
+        search = NearDuplicateSearch(cfg.neighbours, cfg.max_crop, cfg.coarse_residual, cfg.max_residual,
+                                     cfg.max_content_distance)
+        fingerprints = Fingerprints(thumbnail_array(subset["thumbnail"]), Signatures.parse(subset["signature"]))
+        pairs = matching_pairs(fingerprints, pixels, search, map_shared, chunks)
         for position, match in enumerate(near_duplicate_of(pairs, len(candidates))):
             if match >= 0:
                 found.append((rows["uid"][candidates[position]], "near_duplicate", rows["uid"][candidates[match]]))

@@ -35,29 +35,47 @@ def symbol_fraction(text: str) -> float:
 
 
 class LanguageIdentifier:
-    """lingua over a fixed candidate set; 'und' when a caption has nothing to identify."""
+    """lingua over a fixed candidate set; 'und' when a caption has nothing to identify.
 
-    def __init__(self, candidates: list[str]):
-        from lingua import IsoCode639_1, Language, LanguageDetectorBuilder
+    A caption shorter than ``full_letters`` letters is put in a language outside ``allowed`` only when
+    lingua's confidence in it beats its confidence in the best allowed language by ``margin``; else it
+    goes to that allowed language. Two to four words are often valid in several languages ("an orange
+    star" is German too, "digit zero" Italian-looking), and lingua then picks among near-equal
+    confidences; longer captions are identified reliably, so there the top language stands.
+    """
 
-        languages = []
-        for code in candidates:
-            try:
-                languages.append(Language.from_iso_code_639_1(getattr(IsoCode639_1, code.upper())))
-            except AttributeError:
-                raise ConfigError(f"heuristics.language_candidates: unknown ISO 639-1 code {code!r}") from None
+    def __init__(self, candidates: list[str], allowed: list[str] = (), margin: float = 0.0,
+                 full_letters: int = 0):
+        from lingua import LanguageDetectorBuilder
+
+        languages = [_lingua_language(code) for code in candidates]
         if len(languages) < 2:
             raise ConfigError("heuristics.language_candidates needs at least two languages")
         self._detector = LanguageDetectorBuilder.from_languages(*languages).build()
+        self._allowed = {language for code, language in zip(candidates, languages) if code in allowed}
+        self._margin, self._full_letters = margin, full_letters
 
     def __call__(self, text: str) -> tuple[str, float]:
-        language = self._detector.detect_language_of(text)
-        if language is None:
+        values = self._detector.compute_language_confidence_values(text)
+        if not values or values[0].value == 0.0:
             return UNDETERMINED, 0.0
+        chosen = values[0]
+        if chosen.language not in self._allowed and sum(ch.isalpha() for ch in text) < self._full_letters:
+            best_allowed = next((v for v in values if v.language in self._allowed), None)
+            if best_allowed is not None and chosen.value - best_allowed.value < self._margin:
+                chosen = best_allowed
         # lingua sums in hash-map order, which differs between processes in the last bits; rounding
         # keeps reruns byte-identical.
-        confidence = round(self._detector.compute_language_confidence(text, language), 4)
-        return language.iso_code_639_1.name.lower(), confidence
+        return chosen.language.iso_code_639_1.name.lower(), round(chosen.value, 4)
+
+
+def _lingua_language(code: str):
+    from lingua import IsoCode639_1, Language
+
+    try:
+        return Language.from_iso_code_639_1(getattr(IsoCode639_1, code.upper()))
+    except AttributeError:
+        raise ConfigError(f"heuristics.language_candidates: unknown ISO 639-1 code {code!r}") from None
 
 
 class Heuristics:
@@ -65,7 +83,8 @@ class Heuristics:
 
     def __init__(self, cfg: HeuristicsConfig):
         self.cfg = cfg
-        self._identify = LanguageIdentifier(cfg.language_candidates) if cfg.languages else None
+        self._identify = LanguageIdentifier(cfg.language_candidates, cfg.languages, cfg.language_margin,
+                                            cfg.language_full_letters) if cfg.languages else None
         self._caption_block = _phrase_pattern(cfg.caption_blocklist)
         self._url_block = [entry.lower() for entry in cfg.url_blocklist]
 

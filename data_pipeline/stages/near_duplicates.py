@@ -10,8 +10,13 @@ A global perceptual hash of a crop differs from its source as much as a natural 
    from the 32×32 thumbnails). A crop lies inside its source, so searching the larger image
    alone suffices; a resize or a re-encode matches the whole window.
 3. fine check, for pairs the coarse check keeps: the window is refined per axis in ½-pixel
-   steps and compared in colour; the pair is a duplicate when the RMS difference of the best
-   window is at most ``max_residual`` (0-255 levels).
+   steps and compared in colour; the pair passes when the RMS difference of the best window is
+   at most ``max_residual`` (0-255 levels).
+4. content check, for pairs the fine check keeps: the content signatures (``content_signature``:
+   the region inside letterbox bars, mean removed) cut to the same window must differ by at most
+   ``max_content_distance`` (``content_distance``: 0 for equal contents, ≈1 for unrelated ones). Thumbnails of pictures with little low-frequency
+   structure (noise, small objects on flat backgrounds) are nearly equal grey fields once
+   averaged, and bars make them closer still; their detail is what differs.
 A true copy shares its source's exact pixels, so once aligned it differs by compression noise
 only, while a look-alike keeps its own background, noise and exact shape.
 """
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from data_pipeline.stages.content_signature import SIDE as SIGNATURE_SIDE, Signatures, content_distance, correlation
 
 CELLS = 8  # comparison grid: cells per side
 _COARSE_STEPS = 3  # margins per side in the coarse search: 0, max/2, max
@@ -35,6 +42,15 @@ class NearDuplicateSearch:
     max_crop: float = 0.1  # largest crop searched, as a fraction of the side, per side
     coarse_residual: float = 9.0  # grey RMS a candidate must reach in the coarse check
     max_residual: float = 3.5  # colour RMS of the aligned pair for a near duplicate
+    max_content_distance: float = 0.7  # of the aligned content signatures, to confirm a pair
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """What the search compares, one row each: 32×32 RGB thumbnails (n, side, side, 3) uint8 and the
+    parsed content signatures."""
+    thumbnails: np.ndarray
+    signatures: Signatures
 
 
 def span_matrix(start: float, stop: float, side: int, cells: int = CELLS) -> np.ndarray:
@@ -114,8 +130,9 @@ def grid_grey(grey: np.ndarray) -> np.ndarray:
 
 
 def fine_residual(thumbnails: np.ndarray, larger: np.ndarray, smaller: np.ndarray, start_cuts: np.ndarray,
-                  max_crop: float) -> np.ndarray:
-    """Colour RMS after refining the coarse window per axis (x, then y) in ½-pixel steps."""
+                  max_crop: float) -> tuple[np.ndarray, np.ndarray]:
+    """Colour RMS after refining the coarse window per axis (x, then y) in ½-pixel steps, and the
+    refined window's cuts (top, bottom, left, right)."""
     side = thumbnails.shape[1]
     margins = np.arange(0, max_crop * side + 1e-6, _FINE_STEP)
     spans, cuts = _spans(margins, side)
@@ -126,6 +143,7 @@ def fine_residual(thumbnails: np.ndarray, larger: np.ndarray, smaller: np.ndarra
         return np.abs(cuts[None, :, :] - coarse[:, None, :]).sum(axis=2).argmin(axis=1)
 
     out = np.empty(len(larger), np.float32)
+    out_cuts = np.empty((len(larger), 4), np.float32)
     for start in range(0, len(larger), _CHUNK):
         part = slice(start, start + _CHUNK)
         image = thumbnails[larger[part]].astype(np.float32)  # (p, y, x, c)
@@ -142,7 +160,8 @@ def fine_residual(thumbnails: np.ndarray, larger: np.ndarray, smaller: np.ndarra
                 windows = (flat @ columns.reshape(len(image), side, -1)).reshape(-1, count, CELLS, CELLS, 3)
                 y, best = _best_span(windows, target)
         out[part] = np.sqrt(best / (CELLS * CELLS * 3))
-    return out
+        out_cuts[part] = np.concatenate([cuts[y], cuts[x]], axis=1)
+    return out, out_cuts
 
 
 def _best_span(windows: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,13 +170,35 @@ def _best_span(windows: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.
     return best, errors[np.arange(len(errors)), best]
 
 
-def verify(thumbnails: np.ndarray, larger: np.ndarray, smaller: np.ndarray,
+def content_agrees(fingerprints: Fingerprints, larger: np.ndarray, smaller: np.ndarray, cuts: np.ndarray,
+                   max_distance: float) -> np.ndarray:
+    """Whether each aligned pair's contents differ by at most ``max_distance`` (``content_distance``):
+    the larger image's signature is cut to the window the thumbnails aligned on (cuts in thumbnail
+    pixels, applied to the content inside the bars) and resampled."""
+    scale = SIGNATURE_SIDE / fingerprints.thumbnails.shape[1]
+    out = np.empty(len(larger), bool)
+    for n, (a, b) in enumerate(zip(larger, smaller)):
+        levels_a, spread_a, levels_b, spread_b = fingerprints.signatures.compared_parts(a, b)
+        top, bottom, left, right = cuts[n] * scale
+        window = (span_matrix(top, SIGNATURE_SIDE - bottom, SIGNATURE_SIDE, SIGNATURE_SIDE) @ levels_a
+                  @ span_matrix(left, SIGNATURE_SIDE - right, SIGNATURE_SIDE, SIGNATURE_SIDE).T)
+        out[n] = content_distance(correlation(window, levels_b), spread_a, spread_b) <= max_distance
+    return out
+
+
+def verify(fingerprints: Fingerprints, larger: np.ndarray, smaller: np.ndarray,
            search: NearDuplicateSearch) -> np.ndarray:
-    """Which candidate pairs are near duplicates: the coarse check, then the fine one on survivors."""
+    """Which candidate pairs are near duplicates: the coarse check, the fine one on its survivors,
+    then the content check on the aligned pairs."""
+    thumbnails = fingerprints.thumbnails
     residual, cuts = coarse_residual(thumbnails, larger, smaller, search.max_crop)
     same = residual <= search.coarse_residual
-    same[same] = fine_residual(thumbnails, larger[same], smaller[same], cuts[same],
-                               search.max_crop) <= search.max_residual
+    fine, cuts = fine_residual(thumbnails, larger[same], smaller[same], cuts[same], search.max_crop)
+    aligned = fine <= search.max_residual
+    agrees = content_agrees(fingerprints, larger[same][aligned], smaller[same][aligned], cuts[aligned],
+                            search.max_content_distance)
+    aligned[aligned] = agrees
+    same[same] = aligned
     return same
 
 
@@ -166,16 +207,17 @@ def serial_map(function: Callable, shared, items: list[tuple]) -> list:
     return [function(shared, *item) for item in items]
 
 
-def matching_pairs(thumbnails: np.ndarray, pixels: np.ndarray, search: NearDuplicateSearch,
+def matching_pairs(fingerprints: Fingerprints, pixels: np.ndarray, search: NearDuplicateSearch,
                    map_shared: Callable = serial_map, chunks: int = 1) -> np.ndarray:
-    """(m, 2) index pairs i < j of near duplicates among ``thumbnails`` (n, side, side, 3) uint8.
+    """(m, 2) index pairs i < j of near duplicates among the fingerprinted rows.
 
     The candidate pairs are verified in ``chunks`` independent pieces through ``map_shared``.
     """
-    pairs = candidate_pairs(thumbnails, search.neighbours)
+    pairs = candidate_pairs(fingerprints.thumbnails, search.neighbours)
     first_larger = pixels[pairs[:, 0]] >= pixels[pairs[:, 1]]
     larger = np.where(first_larger, pairs[:, 0], pairs[:, 1])
     smaller = np.where(first_larger, pairs[:, 1], pairs[:, 0])
     pieces = [(larger[part], smaller[part], search) for part in np.array_split(np.arange(len(pairs)), chunks)]
-    same = np.concatenate([np.zeros(0, bool), *map_shared(verify, thumbnails, pieces)])
+    same = np.concatenate([np.zeros(0, bool), *map_shared(verify, fingerprints, pieces)])
     return pairs[same]
+

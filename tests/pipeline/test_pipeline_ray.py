@@ -61,7 +61,7 @@ def test_bad_inputs_of_every_kind_get_specific_reasons_and_never_stop_the_run(ba
     assert by_key["line-2"] == ["invalid_jsonl_line"] and by_key["line-1"] == ["image_file_not_found"]
     assert by_key["line-0"] == ["url_blocklist"]
 
-    # What was kept is a valid webdataset: an image and a caption per sample, repaired images as RGB PNG.
+    # What was kept is a valid webdataset: an image and a caption per sample, repaired images as RGB.
     samples = list(wds.WebDataset([str(p) for p in sorted((out / "shards").glob("*.tar"))], shardshuffle=False)
                    .decode("pil"))
     assert len(samples) == rows["kept"]

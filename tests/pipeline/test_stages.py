@@ -1,6 +1,8 @@
 """Each stage as a plain function over a pandas batch: no Ray involved."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,11 +10,13 @@ from PIL import Image
 
 from data_pipeline.config import ConfigError, DecodeConfig, DedupConfig, HeuristicsConfig, SourceConfig, \
     load_curate_config
+from data_pipeline.registry import Stage, run_stages
 from data_pipeline.select import decide, funnel
 from data_pipeline.sources import list_parts, read_part
 from data_pipeline.stages.decode import check_image, decode_caption, normalize_caption, validate
 from data_pipeline.stages.dedup import find_duplicates, near_duplicate_of
-from data_pipeline.stages.heuristics import Heuristics, repeated_word_fraction, symbol_fraction
+from data_pipeline.stages.heuristics import RULES, Heuristics, repeated_word_fraction, symbol_fraction
+from tests.conftest import run_tool
 from tests.pipeline.conftest import bad_samples, encode, noise_image
 
 
@@ -30,7 +34,8 @@ def test_every_bad_webdataset_sample_gets_its_specific_reason_or_repair_note(bad
             assert pd.isna(row["reason_validate"]), row["key"]
         elif want.startswith("note:"):
             assert pd.isna(row["reason_validate"]) and want[5:] in row["notes"], (row["key"], row["notes"])
-            assert row["width"] == 64 and row["image_out_ext"] == "png"  # stored repaired, as RGB PNG
+            # Stored under the extension of what it really is (a repaired one in its own format, as RGB).
+            assert row["width"] == 64 and row["image_out_ext"] == {"JPEG": "jpg", "PNG": "png"}[row["image_format"]]
         else:
             assert row["reason_validate"] == want, row["key"]
 
@@ -115,6 +120,14 @@ def test_language_rule_can_allow_captions_too_short_to_identify():
     assert list(out["reason_heuristics"].fillna("ok")) == ["ok", "ok", "language"]
 
 
+def test_short_english_captions_are_kept_while_foreign_captions_are_still_caught():
+    english = ["an orange star", "Digit one.", "a blue star", "digit zero", "a medium star in orange"]
+    foreign = ["die Zahl null", "el número dos", "un dessin d'un triangle vert", "links ist ein Stern in Orange"]
+    out = Heuristics(HeuristicsConfig(min_caption_chars=1, min_caption_words=1))(heuristics_batch(english + foreign))
+    assert list(out["language"][:len(english)]) == ["en"] * len(english)
+    assert list(out["reason_heuristics"].fillna("ok")) == ["ok"] * len(english) + ["language"] * len(foreign)
+
+
 def dedup_rows(images, captions, sizes=None) -> pd.DataFrame:
     rows = pd.DataFrame({"uid": [f"u{i}" for i in range(len(images))], "image": images,
                          "caption_raw": [c.encode() for c in captions], "image_ext": ["png"] * len(images)})
@@ -164,6 +177,17 @@ def test_look_alikes_with_their_own_pixels_are_not_near_duplicates():
     assert find_duplicates(rows.iloc[:1], DedupConfig(exact=False)).empty
 
 
+def test_letterboxed_low_structure_pictures_are_told_apart_by_content_and_their_copies_still_caught():
+    # The benchmark's set: distinct noise, gradients and small objects on flat backgrounds, letterboxed
+    # to 64 px like img2dataset's resize_mode=border, a quarter with a re-encoded/resized true copy.
+    result = run_tool("tools/bench_near_duplicates.py", "--distinct", "600", "--seed", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)["letterbox"]
+    assert figures["true_duplicates"] > 100
+    assert figures["false_positive_rate"] <= 0.005, figures
+    assert figures["recall"] >= 0.95, figures
+
+
 def test_keep_one_resolution_matches_a_brute_force_reference():
     rng = np.random.default_rng(0)
     n = 300
@@ -187,7 +211,6 @@ def test_selection_gives_the_first_reason_in_pipeline_order_and_counts_add_up():
                    "file_bytes", "url", "caption_chars", "caption_words", "min_side", "aspect_ratio", "language",
                    "language_confidence", "repeated_word_fraction", "symbol_fraction"):
         rows[column] = None
-    from data_pipeline.stages.heuristics import RULES
     for rule in RULES:
         rows[f"flag_{rule}"] = [False, rule == "caption_chars", rule == "language", False]
     decisions = decide(rows, pd.DataFrame({"uid": ["d"], "reason_dedup": ["near_duplicate"], "duplicate_of": ["a"]}))
@@ -195,6 +218,24 @@ def test_selection_gives_the_first_reason_in_pipeline_order_and_counts_add_up():
     counts = funnel(decisions)
     assert counts["rows"] == {"read": 4, "validate": 3, "heuristics": 2, "exact_dedup": 2, "near_dedup": 1, "kept": 1}
     assert sum(counts["rejected_by_reason"].values()) + counts["rows"]["kept"] == 4
+
+
+def test_the_funnel_is_the_registry_order_and_a_new_stage_counts_with_its_entry_alone():
+    # A toy stage after near-duplicate removal: its registry entry is all the funnel needs.
+    toy = Stage("toy_filter", "toy", ("toy_reason",), "a stage this test adds")
+    decisions = pd.DataFrame({"reason": [None, "unreadable_tar: boom", "language", "near_duplicate", "toy_reason"]})
+    decisions["kept"] = decisions["reason"].isna()
+    for rule in RULES:
+        decisions[f"flag_{rule}"] = decisions["reason"] == rule
+    counts = funnel(decisions, [*run_stages(), toy])
+    assert counts["rows"] == {"read": 5, "validate": 4, "heuristics": 3, "exact_dedup": 3, "near_dedup": 2,
+                              "toy_filter": 1, "kept": 1}
+    # Without embedding settings a run has no embedding stage; with them, the enabled ones in order.
+    assert [s.name for s in run_stages()] == ["validate", "heuristics", "exact_dedup", "near_dedup"]
+    enabled = load_curate_config(None, ["output_dir=x", "sources=[{path: a}]", "embedding.model.checkpoint=m",
+                                        "embedding.balance.enabled=true", "embedding.balance.target_size=10",
+                                        "embedding.copy_dedup.enabled=true"])
+    assert [s.name for s in run_stages(enabled.embedding)][4:] == ["copy_dedup", "balance"]
 
 
 def test_config_errors_name_the_key(tmp_path):

@@ -110,7 +110,7 @@ def test_different_seed_gives_different_train_and_eval_images(small):
     assert hashes_a.keys() == hashes_b.keys()
     differing = {name for name in hashes_a if hashes_a[name] != hashes_b[name]}
     assert "train/shard-000000.tar" in differing
-    assert {"eval/shapes/test/000000.tar", "eval/digits/test/000000.tar", "eval/retrieval/test/000000.tar"} <= differing
+    assert {"eval/shapes/test/0.tar", "eval/digits/test/0.tar", "eval/retrieval/test/0.tar"} <= differing
 
 
 def test_eval_sets_do_not_depend_on_num_train(corpus, small):
@@ -118,6 +118,13 @@ def test_eval_sets_do_not_depend_on_num_train(corpus, small):
 
 
 # ----------------------------------------------------------------------------- layout
+
+
+def assert_clip_benchmark_split(split: Path) -> None:
+    """CLIP_benchmark's wds loader reads test/nshards.txt, then exactly test/0.tar … test/{n-1}.tar."""
+    count = int((split / "nshards.txt").read_text())
+    assert count >= 1
+    assert sorted(p.name for p in split.iterdir()) == sorted(["nshards.txt", *(f"{i}.tar" for i in range(count))])
 
 
 def test_layout_matches_the_contract(corpus):
@@ -128,8 +135,9 @@ def test_layout_matches_the_contract(corpus):
         root = corpus / "eval" / name
         assert (root / "classnames.txt").is_file()
         assert (root / "zeroshot_classification_templates.txt").is_file()
-        assert (root / "test" / "000000.tar").is_file()
-    assert (corpus / "eval" / "retrieval" / "test" / "000000.tar").is_file()
+        assert_clip_benchmark_split(root / "test")
+    assert_clip_benchmark_split(corpus / "eval" / "retrieval" / "test")
+    assert (corpus / "eval" / "retrieval" / "dataset_type.txt").read_text().strip() == "retrieval"
     manifest = json.loads((corpus / "manifest.json").read_text())
     assert manifest["seed"] == 0 and manifest["image_size"] == IMAGE_SIZE
     assert manifest["counts"]["train"] == NUM_TRAIN

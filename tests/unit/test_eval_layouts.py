@@ -16,7 +16,7 @@ import pytest
 import webdataset
 from PIL import Image
 
-from vlmtrain.eval.datasets import EvalDataError, discover_eval_sets, open_eval_set
+from vlmtrain.eval.datasets import EvalDataError, discover_eval_sets, open_eval_set, shard_paths
 from vlmtrain.eval.suite import evaluate_dataset
 
 from .conftest import CLASSNAMES, TEMPLATES
@@ -210,3 +210,17 @@ def test_path_that_is_no_eval_set_is_a_data_error(tmp_path):
 
     with pytest.raises(EvalDataError, match="no eval sets in"):
         discover_eval_sets(tmp_path)
+
+
+def test_clip_benchmark_layout_reads_exactly_the_counted_shards_and_the_declared_task(tmp_path):
+    samples = [{"__key__": f"{i:03d}", "jpg": blocky_jpeg(np.random.default_rng(i)), "txt": b"a cat"}
+               for i in range(14)]
+    root = write_webdataset(tmp_path / "captions", samples)  # 0.tar 1.tar 2.tar (6 + 6 + 2 samples)
+    write_metadata(root)  # class names present, yet dataset_type.txt says retrieval
+    (root / "dataset_type.txt").write_text("retrieval\n")
+    (root / "test" / "nshards.txt").write_text("2\n")  # CLIP_benchmark reads 0.tar and 1.tar only
+    assert [Path(p).name for p in shard_paths(root)] == ["0.tar", "1.tar"]
+    assert open_eval_set(root).task == "zeroshot_retrieval"
+    (root / "test" / "nshards.txt").write_text("4\n")
+    with pytest.raises(EvalDataError, match=r"nshards.txt says 4 shards .* 3.tar is missing"):
+        shard_paths(root)

@@ -56,6 +56,19 @@ def test_the_order_is_a_pure_function_of_seed_and_rank(shards):
     assert not rank0 & rank1  # data-parallel ranks read disjoint shards
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_shows_every_sample_once_per_rank_even_with_a_buffer_larger_than_the_pool(tmp_path, workers):
+    # 40 samples in 4 shards; 2 ranks: 20 samples a rank an epoch (4 batches of 5), buffer 1,000.
+    pool = write_shards(tmp_path / "pool", "p", shards=4, per_shard=10)
+    cfg = DataConfig(train_shards=str(pool), batch_size=5, workers=workers, shuffle_buffer=1000)
+    for rank in (0, 1):
+        batches = loader(cfg, rank=rank)
+        epochs = [[k for batch in take_keys(batches, 4) for k in batch] for _ in range(3)]
+        for keys in epochs:
+            assert len(set(keys)) == 20, sorted(keys)
+        assert epochs[0] != epochs[1]  # and each epoch has its own order
+
+
 @pytest.mark.parametrize("workers", [0, 1, 2])
 @pytest.mark.parametrize("consumed", [3, 7])
 def test_a_loader_built_from_the_cursor_continues_exactly(shards, workers, consumed):

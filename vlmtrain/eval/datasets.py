@@ -4,9 +4,12 @@ Three layouts are read:
 
 - **webdataset** (CLIP_benchmark's layout)::
 
-      DIR/test/*.tar       samples with jpg (or jpeg/png/webp) and cls (class index as ASCII text)
+      DIR/test/nshards.txt + DIR/test/0.tar … {n-1}.tar (or, the older layout, any DIR/test/*.tar):
+                           samples with jpg (or jpeg/png/webp) and cls (class index as ASCII text)
                            for classification, or txt (captions, one per line) for retrieval
       DIR/classnames.txt   + zeroshot_classification_templates.txt (or .json): a classification set
+      DIR/dataset_type.txt "retrieval" marks a retrieval set (without it: classification when the
+                           set has class names)
 
 - **image folder** (ImageNet style): ``DIR/<class folder>/**/*.jpg``. Classes are the sorted folder
   names (torchvision's ``ImageFolder`` order, which is also the order of the built-in
@@ -47,6 +50,8 @@ __all__ = ["EvalDataError", "EvalSet", "DecodeReport", "discover_eval_sets", "op
 logger = logging.getLogger(__name__)
 
 SPLIT_DIR = "test"
+NSHARDS_FILE = "nshards.txt"  # CLIP_benchmark: the split's shard count; shards are 0.tar … {n-1}.tar
+DATASET_TYPE_FILE = "dataset_type.txt"  # CLIP_benchmark: "retrieval" (else classification)
 CLASSIFICATION = "zeroshot_classification"
 RETRIEVAL = "zeroshot_retrieval"
 KINDS = ("webdataset", "imagefolder", "csv")
@@ -231,6 +236,9 @@ def _infer_task(path: Path, kind: str, directory: Path, classnames: str | Path |
         return CLASSIFICATION
     if kind == "csv":
         return CLASSIFICATION if CSV_LABEL_COLUMN in _csv_table(path)[0] else RETRIEVAL
+    if (directory / DATASET_TYPE_FILE).is_file():
+        declared = (directory / DATASET_TYPE_FILE).read_text().strip().lower()
+        return RETRIEVAL if declared == "retrieval" else CLASSIFICATION
     has_classnames = classnames is not None or find_metadata_file(directory, CLASSNAMES_STEM) is not None
     return CLASSIFICATION if has_classnames else RETRIEVAL
 
@@ -244,14 +252,31 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def shard_paths(dataset_dir: Path) -> list[str]:
-    """The test split's tar shards in a deterministic order; error if there are none."""
+    """The test split's tar shards in a deterministic order; error if there are none. With
+    ``test/nshards.txt`` (CLIP_benchmark's layout) exactly ``0.tar … {n-1}.tar``, as CLIP_benchmark reads
+    them; without it (our older layout, e.g. ``000000.tar``) every tar, in natural order."""
     split_dir = dataset_dir / SPLIT_DIR
+    count_file = split_dir / NSHARDS_FILE
+    if count_file.is_file():
+        return _counted_shards(split_dir, count_file)
     shards = sorted(split_dir.glob("*.tar"), key=_natural_key)
     if not shards:
         raise EvalDataError(
             f"no shards found: expected {split_dir}/*.tar (CLIP_benchmark webdataset layout); "
             "point the evaluation at the directory that contains test/, or write the shards first"
         )
+    return [str(path) for path in shards]
+
+
+def _counted_shards(split_dir: Path, count_file: Path) -> list[str]:
+    text = count_file.read_text().strip()
+    if not text.isdigit() or int(text) == 0:
+        raise EvalDataError(f"{count_file} must hold the number of shards (a positive integer), got {text!r}")
+    shards = [split_dir / f"{i}.tar" for i in range(int(text))]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise EvalDataError(f"{count_file} says {text} shards (0.tar … {int(text) - 1}.tar) but "
+                            f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} is missing")
     return [str(path) for path in shards]
 
 
