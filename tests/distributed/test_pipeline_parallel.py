@@ -8,7 +8,6 @@ The logit scale starts above its bound (e^5 > 100): the clamp must reach the las
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import open_clip
@@ -16,9 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import run_tool
 from tests.helpers import (assert_same_weights, exported_weights, keys_per_step, kill_while_writing, losses,
-                          metrics)
+                          metrics, train, train_command)
 from vlmtrain.checkpoint import find_resume_point, load_exported
 from vlmtrain.config import TrainConfig
 from vlmtrain.configlib import from_dict
@@ -32,18 +30,13 @@ pytestmark = pytest.mark.dist
 STEPS, CLIP_AT, TOLERANCE = 5, 1.0, 1e-5
 
 
-def train_command(corpus: Path, out_dir: Path, ranks: int, *extra: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "vlm-train"), "--config", "configs/train/demo.yaml",
-            "--nproc-per-node", str(ranks), f"data.train_shards={corpus / 'train'}", f"output_dir={out_dir}",
-            f"steps={STEPS}", "checkpoint.every=2", "data.batch_size=8", "optim.grad_accum_steps=2",
+SETTINGS = (f"steps={STEPS}", "checkpoint.every=2", "data.batch_size=8", "optim.grad_accum_steps=2",
             f"optim.grad_clip={CLIP_AT}", "optim.warmup_steps=2", "model.init_logit_scale=5.0", "zero_stage=1",
-            "data.shuffle_buffer=32", "data.record_keys=true", "log_every=1", "metrics.tensorboard=false",
-            "progress=false", *extra]
+            "data.shuffle_buffer=32", "data.record_keys=true", "log_every=1")
 
 
-def train(corpus: Path, out_dir: Path, ranks: int, *extra: str) -> Path:
-    result = run_tool(*train_command(corpus, out_dir, ranks, *extra))
-    assert result.returncode == 0, result.stderr[-3000:]
+def run(corpus: Path, out_dir: Path, ranks: int, *extra: str) -> Path:
+    train(corpus, out_dir, ranks, *SETTINGS, *extra)
     return out_dir
 
 
@@ -52,20 +45,20 @@ def runs(small_corpus, tmp_path_factory):
     """Every launch of this module, once: two layouts against their references, a killed and resumed
     two-stage run, and a one-stage resume of a two-stage checkpoint."""
     mktemp = tmp_path_factory.mktemp
-    out = {"pp2": train(small_corpus, mktemp("pp2"), 2, "parallel.pp=2"),
-           "pp1": train(small_corpus, mktemp("pp1"), 1),
-           "dp2_pp2": train(small_corpus, mktemp("dp2_pp2"), 4, "parallel.pp=2"),
-           "dp2": train(small_corpus, mktemp("dp2"), 2)}
+    out = {"pp2": run(small_corpus, mktemp("pp2"), 2, "parallel.pp=2"),
+           "pp1": run(small_corpus, mktemp("pp1"), 1),
+           "dp2_pp2": run(small_corpus, mktemp("dp2_pp2"), 4, "parallel.pp=2"),
+           "dp2": run(small_corpus, mktemp("dp2"), 2)}
 
     resumed = out["resumed"] = mktemp("pp2_killed_then_resumed")
     checkpoints = resumed / "checkpoints"
-    out["killed_mid_write"] = kill_while_writing(train_command(small_corpus, resumed, 2, "parallel.pp=2"),
-                                                 checkpoints, "step_0000004")
+    command = train_command(small_corpus, resumed, 2, *SETTINGS, "parallel.pp=2")
+    out["killed_mid_write"] = kill_while_writing(command, checkpoints, "step_0000004")
     out["latest_after_kill"] = (checkpoints / "latest").read_text()
-    train(small_corpus, resumed, 2, "parallel.pp=2", "resume=latest")
+    run(small_corpus, resumed, 2, "parallel.pp=2", "resume=latest")
 
-    out["pp1_from_pp2"] = train(small_corpus, mktemp("pp1_from_pp2"), 1,
-                                f"resume={out['pp2'] / 'checkpoints' / 'step_0000002'}")
+    out["pp1_from_pp2"] = run(small_corpus, mktemp("pp1_from_pp2"), 1,
+                              f"resume={out['pp2'] / 'checkpoints' / 'step_0000002'}")
     return out
 
 
