@@ -85,10 +85,13 @@ def live_tensors() -> list[torch.Tensor]:
 
 
 def snapshot(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             saved: set[tuple[str, int]]) -> dict[str, int]:
+             saved: set[tuple[str, int]], elsewhere: tuple[torch.Tensor, ...] = ()) -> dict[str, int]:
     """Bytes of every live tensor storage, attributed to a component (see the module docstring);
-    ``saved``: storages already counted as activations."""
+    ``saved``: storages already counted as activations; ``elsewhere``: tensors that are not this
+    rank's (another pipeline stage's weights, kept in host memory), left out."""
     ledger = StorageLedger()
+    for tensor in elsewhere:
+        ledger.claim(tensor, "elsewhere")
     for param in module.parameters():
         ledger.claim(param.data, "parameters")
         ledger.claim(getattr(param, "ds_tensor", None), "parameters")
@@ -152,6 +155,81 @@ def probe(owner: object, method: str, before: bool, take: Callable[[], None]):
         setattr(owner, method, original)
 
 
+class InFlightSaved:
+    """Bytes autograd saves for backward in a pipeline stage's forward passes, by micro-batch buffer:
+    a buffer's are live from its forward to the end of its backward; ``peak`` is the largest live
+    total. Parameters are left out, each storage is counted once per micro-batch."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.live: dict[int, SavedBytes] = {}
+        self.peak = 0
+
+    def storages(self) -> set[tuple[str, int]]:
+        return {key for saved in self.live.values() for key in saved.seen}
+
+    def forward(self, run: Callable[[], None], buffer_id: int) -> None:
+        saved = self.live[buffer_id] = SavedBytes(self.module)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            run()
+        self.peak = max(self.peak, sum(s.total for s in self.live.values()))
+
+    def backward_done(self, buffer_id: int) -> None:
+        self.live.pop(buffer_id, None)
+
+
+def measure_pipeline(cfg, dims, spec, engine, inputs: dict[str, torch.Tensor],
+                     elsewhere: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Two ``train_batch`` steps of ``grad_accum_steps`` micro-batches through DeepSpeed's 1F1B
+    schedule; in step 2, the stage's in-flight saved activations (:class:`InFlightSaved`) and
+    snapshots before each backward pass, around the gradient reduction and before the optimizer step."""
+    from deepspeed.runtime.pipe import schedule
+
+    from vlmtrain.distributed.pipeline import NO_LABELS
+
+    def batches():
+        return iter([((inputs["images"], inputs["tokens"]), NO_LABELS)] * cfg.optim.grad_accum_steps)
+
+    engine.train_batch(batches())  # step 1 creates the optimizer state
+    torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    saved = InFlightSaved(engine.module)
+    snapshots: list[dict[str, int]] = []
+
+    def take() -> None:
+        snapshots.append(snapshot(engine.module, torch_optimizer, saved.storages(), elsewhere))
+
+    original = type(engine)._INSTRUCTION_MAP
+
+    def forward(self, buffer_id):
+        saved.forward(lambda: original[schedule.ForwardPass](self, buffer_id), buffer_id)
+
+    def backward(self, buffer_id):
+        take()
+        snapshots[-1]["at"] = f"backward {buffer_id}"
+        original[schedule.BackwardPass](self, buffer_id)
+        saved.backward_done(buffer_id)
+
+    def reduce(self):
+        take()
+        original[schedule.ReduceGrads](self)
+        take()
+
+    def step(self, *args, **kwargs):
+        take()
+        original[schedule.OptimizerStep](self, *args, **kwargs)
+
+    engine._INSTRUCTION_MAP = {**original, schedule.ForwardPass: forward, schedule.BackwardPass: backward,
+                               schedule.ReduceGrads: reduce, schedule.OptimizerStep: step}
+    engine.train_batch(batches())
+    del engine._INSTRUCTION_MAP
+    held = max(snapshots, key=lambda s: sum(v for k, v in s.items() if k not in ("activations", "elsewhere", "at")))
+    import os as _os
+    if _os.environ.get("MEM_DEBUG"):
+        print(engine.global_rank, snapshots, flush=True)
+    return {"activations": saved.peak, "stage": engine.stage_id,
+            **{k: held.get(k, 0) for k in ("parameters", "gradients", "optimizer", "buffers")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
@@ -178,15 +256,28 @@ def main() -> None:
     spec = spec_of(cfg.model)
     torch.manual_seed(cfg.seed)
     model = spec.build(cfg.model)
+    loss_fn = spec.build_loss(cfg.model, groups.dp)
+    elsewhere: tuple[torch.Tensor, ...] = ()
+    if dims.pp > 1:  # this rank's stage, as the engine builds it
+        from vlmtrain.distributed import pipeline
+
+        whole = tuple(model.state_dict(keep_vars=True).values())
+        model = pipeline.split(spec, model, loss_fn, dims)
+        mine = {id(t) for t in model.state_dict(keep_vars=True).values()}
+        elsewhere = tuple(t for t in whole if id(t) not in mine)
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg.optim, cfg.steps),
                                            config=build_deepspeed_config(cfg, dims, spec.tp_plan))
-    loss_fn = spec.build_loss(cfg.model, groups.dp)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     with torch.device(engine.device):
         inputs = {k: (v.normal_().to(dtype) if v.is_floating_point() else v.random_(0, 1000))
                   for k, v in spec.example_inputs(cfg.model, cfg.data.batch_size).items()}
+    if dims.pp > 1:
+        result = {"rank": rank, "layout": {"zero": cfg.zero_stage, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
+                  **measure_pipeline(cfg, dims, spec, engine, inputs, elsewhere)}
+        write_result(result, Path(args.out), rank)
+        return
     torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch one
 
     engine.backward(loss_fn(engine(**inputs))["loss"])  # step 1 creates the optimizer state
@@ -213,9 +304,12 @@ def main() -> None:
     result = {"rank": rank, "layout": {"zero": cfg.zero_stage, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
               "activations": saved.total, **{k: held.get(k, 0) for k in
                                              ("parameters", "gradients", "optimizer", "buffers")}}
+    write_result(result, Path(args.out), rank)
+
+
+def write_result(result: dict, out: Path, rank: int) -> None:
     if torch.cuda.is_available():
         result["peak_allocated"] = torch.cuda.max_memory_allocated()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=2))
     dist.barrier()
