@@ -22,6 +22,18 @@ pixels). Each rank writes ``OUT/rank<R>.json`` with bytes by component:
   buckets, its ZeRO-3 fp32 master partitions, the batch). So ``gradients + optimizer + buffers``
   is the figure to compare with a plan's gradients, optimizer state and buffers, not each alone.
 
+Under pipeline parallelism (``parallel.pp`` > 1) the rank builds its stage as the engine does
+(``vlmtrain.distributed.pipeline.split``) and trains two ``engine.train_batch`` steps of
+``optim.grad_accum_steps`` micro-batches through DeepSpeed's 1F1B schedule. In step 2:
+
+* ``activations``: the largest total, over the schedule, of the bytes autograd saved in the forward
+  passes (the loss included, on the last stage) of the micro-batches in flight on this stage: a
+  micro-batch's count from its forward pass to the end of its backward pass.
+* the other components: snapshots (as above) before each backward pass, just before and after the
+  gradient reduction and before the optimizer step, the largest kept. The other stages' weights,
+  which every rank builds and DeepSpeed keeps referenced in host memory, are left out.
+* ``stage``: the rank's pipeline stage.
+
 On a GPU, ``peak_allocated`` adds ``torch.cuda.max_memory_allocated`` for reference.
 """
 from __future__ import annotations
@@ -128,7 +140,9 @@ class SavedBytes:
         if key not in params and key not in self.seen:
             self.seen[key] = nbytes
             self.keep.append(tensor)
-        return tensor
+        # Detached: a saved output returned as itself would hold its own grad_fn, whose saved
+        # variable holds it again: a reference cycle that outlives the backward until gc runs.
+        return tensor.detach()
 
     @property
     def total(self) -> int:
@@ -175,7 +189,9 @@ class InFlightSaved:
         self.peak = max(self.peak, sum(s.total for s in self.live.values()))
 
     def backward_done(self, buffer_id: int) -> None:
-        self.live.pop(buffer_id, None)
+        done = self.live.pop(buffer_id, None)
+        if done is not None:  # the autograd graph may keep the hook (and so this record) alive
+            done.keep.clear()
 
 
 def measure_pipeline(cfg, dims, spec, engine, inputs: dict[str, torch.Tensor],
@@ -205,7 +221,6 @@ def measure_pipeline(cfg, dims, spec, engine, inputs: dict[str, torch.Tensor],
 
     def backward(self, buffer_id):
         take()
-        snapshots[-1]["at"] = f"backward {buffer_id}"
         original[schedule.BackwardPass](self, buffer_id)
         saved.backward_done(buffer_id)
 
@@ -222,10 +237,7 @@ def measure_pipeline(cfg, dims, spec, engine, inputs: dict[str, torch.Tensor],
                                schedule.ReduceGrads: reduce, schedule.OptimizerStep: step}
     engine.train_batch(batches())
     del engine._INSTRUCTION_MAP
-    held = max(snapshots, key=lambda s: sum(v for k, v in s.items() if k not in ("activations", "elsewhere", "at")))
-    import os as _os
-    if _os.environ.get("MEM_DEBUG"):
-        print(engine.global_rank, snapshots, flush=True)
+    held = max(snapshots, key=lambda s: sum(v for k, v in s.items() if k not in ("activations", "elsewhere")))
     return {"activations": saved.peak, "stage": engine.stage_id,
             **{k: held.get(k, 0) for k in ("parameters", "gradients", "optimizer", "buffers")}}
 
