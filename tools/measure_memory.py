@@ -194,7 +194,7 @@ class InFlightSaved:
             done.keep.clear()
 
 
-def measure_pipeline(cfg, dims, spec, engine, inputs: dict[str, torch.Tensor],
+def measure_pipeline(cfg, engine, inputs: dict[str, torch.Tensor],
                      elsewhere: tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Two ``train_batch`` steps of ``grad_accum_steps`` micro-batches through DeepSpeed's 1F1B
     schedule; in step 2, the stage's in-flight saved activations (:class:`InFlightSaved`) and
@@ -287,7 +287,7 @@ def main() -> None:
                   for k, v in spec.example_inputs(cfg.model, cfg.data.batch_size).items()}
     if dims.pp > 1:
         result = {"rank": rank, "layout": {"zero": cfg.zero_stage, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
-                  **measure_pipeline(cfg, dims, spec, engine, inputs, elsewhere)}
+                  **measure_pipeline(cfg, engine, inputs, elsewhere)}
         write_result(result, Path(args.out), rank)
         return
     torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch one
