@@ -22,6 +22,18 @@ pixels). Each rank writes ``OUT/rank<R>.json`` with bytes by component:
   buckets, its ZeRO-3 fp32 master partitions, the batch). So ``gradients + optimizer + buffers``
   is the figure to compare with a plan's gradients, optimizer state and buffers, not each alone.
 
+Under pipeline parallelism (``parallel.pp`` > 1) the rank builds its stage as the engine does
+(``vlmtrain.distributed.pipeline.split``) and trains two ``engine.train_batch`` steps of
+``optim.grad_accum_steps`` micro-batches through DeepSpeed's 1F1B schedule. In step 2:
+
+* ``activations``: the largest total, over the schedule, of the bytes autograd saved in the forward
+  passes (the loss included, on the last stage) of the micro-batches in flight on this stage: a
+  micro-batch's count from its forward pass to the end of its backward pass.
+* the other components: snapshots (as above) before each backward pass, just before and after the
+  gradient reduction and before the optimizer step, the largest kept. The other stages' weights,
+  which every rank builds and DeepSpeed keeps referenced in host memory, are left out.
+* ``stage``: the rank's pipeline stage.
+
 On a GPU, ``peak_allocated`` adds ``torch.cuda.max_memory_allocated`` for reference.
 """
 from __future__ import annotations
@@ -85,10 +97,13 @@ def live_tensors() -> list[torch.Tensor]:
 
 
 def snapshot(module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             saved: set[tuple[str, int]]) -> dict[str, int]:
+             saved: set[tuple[str, int]], elsewhere: tuple[torch.Tensor, ...] = ()) -> dict[str, int]:
     """Bytes of every live tensor storage, attributed to a component (see the module docstring);
-    ``saved``: storages already counted as activations."""
+    ``saved``: storages already counted as activations; ``elsewhere``: tensors that are not this
+    rank's (another pipeline stage's weights, kept in host memory), left out."""
     ledger = StorageLedger()
+    for tensor in elsewhere:
+        ledger.claim(tensor, "elsewhere")
     for param in module.parameters():
         ledger.claim(param.data, "parameters")
         ledger.claim(getattr(param, "ds_tensor", None), "parameters")
@@ -125,7 +140,9 @@ class SavedBytes:
         if key not in params and key not in self.seen:
             self.seen[key] = nbytes
             self.keep.append(tensor)
-        return tensor
+        # Detached: a saved output returned as itself would hold its own grad_fn, whose saved
+        # variable holds it again: a reference cycle that outlives the backward until gc runs.
+        return tensor.detach()
 
     @property
     def total(self) -> int:
@@ -150,6 +167,79 @@ def probe(owner: object, method: str, before: bool, take: Callable[[], None]):
         yield
     finally:
         setattr(owner, method, original)
+
+
+class InFlightSaved:
+    """Bytes autograd saves for backward in a pipeline stage's forward passes, by micro-batch buffer:
+    a buffer's are live from its forward to the end of its backward; ``peak`` is the largest live
+    total. Parameters are left out, each storage is counted once per micro-batch."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.live: dict[int, SavedBytes] = {}
+        self.peak = 0
+
+    def storages(self) -> set[tuple[str, int]]:
+        return {key for saved in self.live.values() for key in saved.seen}
+
+    def forward(self, run: Callable[[], None], buffer_id: int) -> None:
+        saved = self.live[buffer_id] = SavedBytes(self.module)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            run()
+        self.peak = max(self.peak, sum(s.total for s in self.live.values()))
+
+    def backward_done(self, buffer_id: int) -> None:
+        done = self.live.pop(buffer_id, None)
+        if done is not None:  # the autograd graph may keep the hook (and so this record) alive
+            done.keep.clear()
+
+
+def measure_pipeline(cfg, engine, inputs: dict[str, torch.Tensor],
+                     elsewhere: tuple[torch.Tensor, ...]) -> dict[str, int]:
+    """Two ``train_batch`` steps of ``grad_accum_steps`` micro-batches through DeepSpeed's 1F1B
+    schedule; in step 2, the stage's in-flight saved activations (:class:`InFlightSaved`) and
+    snapshots before each backward pass, around the gradient reduction and before the optimizer step."""
+    from deepspeed.runtime.pipe import schedule
+
+    from vlmtrain.distributed.pipeline import NO_LABELS
+
+    def batches():
+        return iter([((inputs["images"], inputs["tokens"]), NO_LABELS)] * cfg.optim.grad_accum_steps)
+
+    engine.train_batch(batches())  # step 1 creates the optimizer state
+    torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    saved = InFlightSaved(engine.module)
+    snapshots: list[dict[str, int]] = []
+
+    def take() -> None:
+        snapshots.append(snapshot(engine.module, torch_optimizer, saved.storages(), elsewhere))
+
+    original = type(engine)._INSTRUCTION_MAP
+
+    def forward(self, buffer_id):
+        saved.forward(lambda: original[schedule.ForwardPass](self, buffer_id), buffer_id)
+
+    def backward(self, buffer_id):
+        take()
+        original[schedule.BackwardPass](self, buffer_id)
+        saved.backward_done(buffer_id)
+
+    def reduce(self):
+        take()
+        original[schedule.ReduceGrads](self)
+        take()
+
+    def step(self, *args, **kwargs):
+        take()
+        original[schedule.OptimizerStep](self, *args, **kwargs)
+
+    engine._INSTRUCTION_MAP = {**original, schedule.ForwardPass: forward, schedule.BackwardPass: backward,
+                               schedule.ReduceGrads: reduce, schedule.OptimizerStep: step}
+    engine.train_batch(batches())
+    del engine._INSTRUCTION_MAP
+    held = max(snapshots, key=lambda s: sum(v for k, v in s.items() if k not in ("activations", "elsewhere")))
+    return {"activations": saved.peak, "stage": engine.stage_id,
+            **{k: held.get(k, 0) for k in ("parameters", "gradients", "optimizer", "buffers")}}
 
 
 def main() -> None:
@@ -178,15 +268,28 @@ def main() -> None:
     spec = spec_of(cfg.model)
     torch.manual_seed(cfg.seed)
     model = spec.build(cfg.model)
+    loss_fn = spec.build_loss(cfg.model, groups.dp)
+    elsewhere: tuple[torch.Tensor, ...] = ()
+    if dims.pp > 1:  # this rank's stage, as the engine builds it
+        from vlmtrain.distributed import pipeline
+
+        whole = tuple(model.state_dict(keep_vars=True).values())
+        model = pipeline.split(spec, model, loss_fn, dims)
+        mine = {id(t) for t in model.state_dict(keep_vars=True).values()}
+        elsewhere = tuple(t for t in whole if id(t) not in mine)
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg.optim, cfg.steps),
                                            config=build_deepspeed_config(cfg, dims, spec.tp_plan))
-    loss_fn = spec.build_loss(cfg.model, groups.dp)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     with torch.device(engine.device):
         inputs = {k: (v.normal_().to(dtype) if v.is_floating_point() else v.random_(0, 1000))
                   for k, v in spec.example_inputs(cfg.model, cfg.data.batch_size).items()}
+    if dims.pp > 1:
+        result = {"rank": rank, "layout": {"zero": cfg.zero_stage, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
+                  **measure_pipeline(cfg, engine, inputs, elsewhere)}
+        write_result(result, Path(args.out), rank)
+        return
     torch_optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch one
 
     engine.backward(loss_fn(engine(**inputs))["loss"])  # step 1 creates the optimizer state
@@ -213,9 +316,12 @@ def main() -> None:
     result = {"rank": rank, "layout": {"zero": cfg.zero_stage, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
               "activations": saved.total, **{k: held.get(k, 0) for k in
                                              ("parameters", "gradients", "optimizer", "buffers")}}
+    write_result(result, Path(args.out), rank)
+
+
+def write_result(result: dict, out: Path, rank: int) -> None:
     if torch.cuda.is_available():
         result["peak_allocated"] = torch.cuda.max_memory_allocated()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(result, indent=2))
     dist.barrier()
