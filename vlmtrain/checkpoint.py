@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vlmtrain import atomic
+from vlmtrain import atomic, failpoints
 from vlmtrain.configlib import to_dict
 from vlmtrain.errors import CheckpointError, ConfigError
 from vlmtrain.models.registry import load_model_config, spec_of
@@ -70,13 +70,17 @@ def save_training_state(engine, run_dir: Path, step: int, sidecar: dict, keep: i
         for written in (staging / tag).rglob("*"):  # every rank's files are on disk before they count
             if written.is_file():
                 atomic.fsync_path(written)
+        failpoints.reached("staged", tag)  # fault injection (tests): complete in staging, not in place
         if final.exists():  # a tag saved again: swap, so `latest` never names a missing checkpoint
             exchange_directories(staging / tag, final)
             shutil.rmtree(staging / tag)
         else:
             os.replace(staging / tag, final)
         atomic.fsync_path(root)
-        atomic.write_text(root / LATEST_FILE, tag)
+        failpoints.reached("renamed", tag)  # in place; `latest` still names the previous checkpoint
+        with atomic.replacing(root / LATEST_FILE) as tmp:
+            tmp.write_text(tag)
+            failpoints.reached("publishing", tag)  # the new `latest` written beside the old, not renamed yet
         prune(root, keep, step)
     _barrier()
     return final
@@ -102,6 +106,7 @@ def prune(root: Path, keep: int, step: int) -> None:
     mine = [path for number, path in tags if number <= step]
     for old in mine[:-keep]:
         shutil.rmtree(old)
+        failpoints.reached("pruning", f"step_{step:07d}")  # fault injection (tests): one removed, maybe more to go
 
 
 def tag_step(tag: str) -> int | None:
