@@ -61,8 +61,9 @@ def save_training_state(engine, run_dir: Path, step: int, sidecar: dict, keep: i
     if engine.global_rank == 0:
         shutil.rmtree(staging / tag, ignore_errors=True)  # left by a run killed mid-write
     _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, save_latest=False)  # ends with a barrier
-    torch.save(_rng_state(), staging / tag / f"rng_rank{engine.global_rank}.pt")
+    with atomic.naming_full_disk(staging / tag):
+        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)  # ends with a barrier
+        torch.save(_rng_state(), staging / tag / f"rng_rank{engine.global_rank}.pt")
     _barrier()
     final = root / tag
     if engine.global_rank == 0:
@@ -196,7 +197,7 @@ def load_training_state(engine, point: ResumePoint) -> None:
 def write_export(state: dict[str, torch.Tensor], model_cfg, out_dir: Path, metadata: dict) -> None:
     """Write the full model's weights and config as an export (called by one rank)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.replacing(out_dir / WEIGHTS_FILE) as tmp:
+    with atomic.naming_full_disk(out_dir / WEIGHTS_FILE), atomic.replacing(out_dir / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
     meta = {"format": EXPORT_FORMAT, "family": model_cfg.family, "model": to_dict(model_cfg), **metadata}
     atomic.write_json(out_dir / META_FILE, meta)
