@@ -5,7 +5,7 @@ A training checkpoint is DeepSpeed's own (every rank writes its ZeRO shard) plus
 one ``rng_rank*.pt`` per rank. It is written under ``checkpoints/.staging/<tag>``, renamed into
 place once every rank has finished, and only then named by ``checkpoints/latest`` (replaced
 atomically), so a kill at any moment leaves the previous ``latest`` whole. The newest ``keep``
-checkpoints are kept.
+checkpoints are kept. (``failpoints.reached`` marks the points the crash tests kill a run at.)
 
 The exported model is a ``model.safetensors`` file plus ``vlmtrain.json`` (format, model family, model
 config and run metadata): loading it never unpickles anything. Its weights are the full model, whatever
@@ -71,14 +71,13 @@ def save_training_state(engine, run_dir: Path, step: int, sidecar: dict, keep: i
         for written in (staging / tag).rglob("*"):  # every rank's files are on disk before they count
             if written.is_file():
                 atomic.fsync_path(written)
-        failpoints.reached("staged", tag)  # fault injection (tests): complete in staging, not in place
         if final.exists():  # a tag saved again: swap, so `latest` never names a missing checkpoint
             exchange_directories(staging / tag, final)
             shutil.rmtree(staging / tag)
         else:
             os.replace(staging / tag, final)
         atomic.fsync_path(root)
-        failpoints.reached("renamed", tag)  # in place; `latest` still names the previous checkpoint
+        failpoints.reached("renamed", tag)  # fault injection (tests): in place, `latest` names the previous one
         with atomic.replacing(root / LATEST_FILE) as tmp:
             tmp.write_text(tag)
             failpoints.reached("publishing", tag)  # the new `latest` written beside the old, not renamed yet
