@@ -7,7 +7,7 @@ from pathlib import Path
 
 from data_pipeline import registry
 from data_pipeline.config import load_curate_config
-from vlmtrain.errors import UserError
+from vlmtrain.errors import UserError, user_message
 
 _COMMANDS = """\
 commands:
@@ -128,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _run_command(args)
-    except UserError as err:  # the project's user-error types; anything else is a bug: its traceback shows
-        print(f"vlm-curate: error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:  # user errors and a full disk; anything else is a bug: its traceback shows
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"vlm-curate: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -163,6 +163,22 @@ def kill_while_writing(command: list[str], checkpoints: Path, tag: str, timeout:
             kill_tree(process.pid)
 
 
+def kill_at_failpoint(command: list[str], failpoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``command`` with the fault-injection point ``failpoint`` armed (see vlmtrain/failpoints.py):
+    rank 0 SIGKILLs itself there and the launcher takes the other ranks down, as on a node failure."""
+    process = subprocess.Popen(command, cwd=REPO, env={**cli_env(), "VLMTRAIN_FAILPOINT": failpoint},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            kill_tree(process.pid)
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    assert result.returncode != 0 and "Signal 9 (SIGKILL)" in stderr, \
+        f"the run was not killed at {failpoint}: code {result.returncode}\n{stderr[-3000:]}"
+    return result
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

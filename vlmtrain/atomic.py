@@ -7,6 +7,7 @@ Standard library only.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -51,3 +52,33 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def naming_full_disk(path: str | Path) -> Iterator[None]:
+    """A full disk (or quota) while the block writes ``path`` raises ``OSError(ENOSPC)`` naming ``path``.
+
+    Python's own writes report ENOSPC without a file name; torch.save and safetensors report it as a
+    RuntimeError or their own error, so after those a small probe write tells whether the disk is full.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno in NO_SPACE and not err.filename:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+    except Exception as err:
+        probe = Path(path) if Path(path).is_dir() else Path(path).parent
+        probe = probe / f".space-probe.{os.getpid()}"
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(bytes(1 << 20))
+        except OSError as full:
+            if full.errno in NO_SPACE:
+                raise OSError(full.errno, full.strerror, str(path)) from err
+        finally:
+            probe.unlink(missing_ok=True)
+        raise

@@ -5,7 +5,7 @@ A training checkpoint is DeepSpeed's own (every rank writes its ZeRO shard) plus
 one ``rng_rank*.pt`` per rank. It is written under ``checkpoints/.staging/<tag>``, renamed into
 place once every rank has finished, and only then named by ``checkpoints/latest`` (replaced
 atomically), so a kill at any moment leaves the previous ``latest`` whole. The newest ``keep``
-checkpoints are kept.
+checkpoints are kept. (``failpoints.reached`` marks the points the crash tests kill a run at.)
 
 The exported model is a ``model.safetensors`` file plus ``vlmtrain.json`` (format, model family, model
 config and run metadata): loading it never unpickles anything. Its weights are the full model, whatever
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from vlmtrain import atomic
+from vlmtrain import atomic, failpoints
 from vlmtrain.configlib import to_dict
 from vlmtrain.errors import CheckpointError, ConfigError
 from vlmtrain.models.registry import load_model_config, spec_of
@@ -61,8 +61,9 @@ def save_training_state(engine, run_dir: Path, step: int, sidecar: dict, keep: i
     if engine.global_rank == 0:
         shutil.rmtree(staging / tag, ignore_errors=True)  # left by a run killed mid-write
     _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, save_latest=False)  # ends with a barrier
-    torch.save(_rng_state(), staging / tag / f"rng_rank{engine.global_rank}.pt")
+    with atomic.naming_full_disk(staging / tag):
+        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)  # ends with a barrier
+        torch.save(_rng_state(), staging / tag / f"rng_rank{engine.global_rank}.pt")
     _barrier()
     final = root / tag
     if engine.global_rank == 0:
@@ -76,7 +77,10 @@ def save_training_state(engine, run_dir: Path, step: int, sidecar: dict, keep: i
         else:
             os.replace(staging / tag, final)
         atomic.fsync_path(root)
-        atomic.write_text(root / LATEST_FILE, tag)
+        failpoints.reached("renamed", tag)  # fault injection (tests): in place, `latest` names the previous one
+        with atomic.replacing(root / LATEST_FILE) as tmp:
+            tmp.write_text(tag)
+            failpoints.reached("publishing", tag)  # the new `latest` written beside the old, not renamed yet
         prune(root, keep, step)
     _barrier()
     return final
@@ -102,6 +106,7 @@ def prune(root: Path, keep: int, step: int) -> None:
     mine = [path for number, path in tags if number <= step]
     for old in mine[:-keep]:
         shutil.rmtree(old)
+        failpoints.reached("pruning", f"step_{step:07d}")  # fault injection (tests): one removed, maybe more to go
 
 
 def tag_step(tag: str) -> int | None:
@@ -191,7 +196,7 @@ def load_training_state(engine, point: ResumePoint) -> None:
 def write_export(state: dict[str, torch.Tensor], model_cfg, out_dir: Path, metadata: dict) -> None:
     """Write the full model's weights and config as an export (called by one rank)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.replacing(out_dir / WEIGHTS_FILE) as tmp:
+    with atomic.naming_full_disk(out_dir / WEIGHTS_FILE), atomic.replacing(out_dir / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
     meta = {"format": EXPORT_FORMAT, "family": model_cfg.family, "model": to_dict(model_cfg), **metadata}
     atomic.write_json(out_dir / META_FILE, meta)

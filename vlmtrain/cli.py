@@ -1,6 +1,6 @@
 """Command-line entry points: ``vlm-train`` and ``vlm-eval``.
 
-User mistakes (bad config, missing data, unreadable checkpoint) end in one ``error:`` line and
+User mistakes (bad config, missing data, unreadable checkpoint, a full disk) end in one ``error:`` line and
 exit code 2, before any worker process starts where that is possible.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from contextlib import contextmanager
 
-from vlmtrain.errors import UserError
+from vlmtrain.errors import UserError, user_message
 
 TRAIN_EPILOG = """\
 overrides:
@@ -53,8 +53,11 @@ def user_errors(prog: str):
     """Turn the exceptions we raise for user mistakes into one clear line and exit code 2."""
     try:
         yield
-    except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+    except (UserError, OSError) as err:
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
