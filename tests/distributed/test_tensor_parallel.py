@@ -74,10 +74,11 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert [actual[s] for s in expected] == pytest.approx([expected[s] for s in expected], abs=ATOL, rel=RTOL)
     assert max(expected.values()) - min(expected.values()) > 0.1, "the loss did not move"
     # AdamW hardly sees a gradient scaled as a whole (a replicated weight's gradient summed over tp
-    # peers): the gradient norm does, where both runs report it.
+    # peers): the gradient norm does, where both runs report it. (Rounding reaches 1e-5 of it by step 5;
+    # a doubled share of the gradient would move it by tens of percent.)
     norms = [(a["grad_norm"], e["grad_norm"]) for a, e in zip(metrics(run), metrics(reference))
              if "grad_norm" in a and "grad_norm" in e]
-    assert [a for a, _ in norms] == pytest.approx([e for _, e in norms], rel=RTOL)
+    assert [a for a, _ in norms] == pytest.approx([e for _, e in norms], rel=10 * RTOL)
     assert_same_weights(exported_weights(run), exported_weights(reference))
 
 
