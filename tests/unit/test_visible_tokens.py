@@ -195,3 +195,22 @@ def test_micro_batch_seeds_differ_by_step_micro_batch_and_replica_and_replay():
     torch.rand(100)
     seed_model_rng(0, 7, 1, 2)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_clips_pipeline_layers_draw_the_patch_dropout_the_model_draws():
+    from vlmtrain.models.clip.parallelize import pipeline_layers
+
+    cfg = clip_config(vision={"patch_dropout": 0.5})
+    model = build_clip(cfg).train()
+    images = torch.randn(4, 3, 32, 32)
+    tokens = get_spec("clip").tokenizer(cfg)(["a red circle", "two dogs", "a cat", "7"])
+    torch.manual_seed(5)
+    expected = model(images, tokens)
+    torch.manual_seed(5)
+    x = (images, tokens)
+    for layer in pipeline_layers(model):
+        x = layer(x)
+    for name in expected:
+        assert torch.equal(x[name], expected[name]), name
+    torch.manual_seed(6)  # another draw, other patches: the dropout is live in the pipeline's layers
+    assert not torch.equal(model(images, tokens)["image_features"], expected["image_features"])
