@@ -1,7 +1,6 @@
 """The CLIP / SigLIP family as the trainer sees it."""
 from __future__ import annotations
 
-import open_clip
 import torch
 
 from vlmtrain.models.clip import parallelize
@@ -14,11 +13,15 @@ from vlmtrain.models.spec import ModelSpec, StateDictAdapter
 
 def tokenizer(cfg: CLIPConfig):
     """open_clip's BPE tokenizer (its vocabulary ships in the wheel: no download)."""
+    import open_clip  # here, not at the top: the launcher process reads configs and never needs it
+
     return open_clip.tokenizer.SimpleTokenizer(context_length=cfg.text.context_length)
 
 
 def image_transform(cfg: CLIPConfig, train: bool):
     """open_clip's transforms with the OpenAI mean/std, so eval matches open_clip exactly."""
+    import open_clip
+
     return open_clip.image_transform(cfg.vision.image_size, is_train=train)
 
 
