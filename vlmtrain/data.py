@@ -178,13 +178,14 @@ class ReaderSlot:
 
 @dataclass
 class TrainStream(IterableDataset):
-    """One rank's samples as ``(image, tokens, key, worker, position, skipped_before)``.
+    """One rank's samples as ``(image, tokens, extras, key, worker, position, skipped_before)``.
 
     ``worker`` is the *logical* reader slot within the rank and ``position`` the number of raw
     samples that slot has consumed after this one; ``skipped_before`` counts corrupt samples dropped
     since the previous yield. ``start_positions`` (one per logical worker) resumes mid-stream;
     ``worker_offset`` makes DataLoader worker w play logical worker (w + offset) % workers, so the
-    round-robin batch order continues where the cursor says.
+    round-robin batch order continues where the cursor says. ``extras`` are what ``sample_inputs``
+    (the model family's, if any) makes of the transformed image and the tokens, under the sample's seed.
     """
     sources: list[list[str]]
     weights: list[float]
@@ -198,6 +199,7 @@ class TrainStream(IterableDataset):
     tokenizer: Callable[[list[str]], torch.Tensor]
     start_positions: list[int] = field(default_factory=list)
     worker_offset: int = 0
+    sample_inputs: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -219,7 +221,9 @@ class TrainStream(IterableDataset):
             # Augmentation by position. (The CPU generator alone: torch.manual_seed costs 100× more.)
             torch.random.default_generator.manual_seed(sample_seed(self.seed, slot, position))
             key = f"{Path(sample.get('__url__', '')).name}/{sample.get('__key__')}"
-            yield self.transform(image), self.tokenizer([caption])[0], key, worker, position, skipped
+            pixels, tokens = self.transform(image), self.tokenizer([caption])[0]
+            extras = self.sample_inputs(pixels, tokens) if self.sample_inputs else {}
+            yield pixels, tokens, extras, key, worker, position, skipped
             skipped = 0
 
 
@@ -229,6 +233,7 @@ class Batch:
     tokens: torch.Tensor
     keys: list[str]
     skipped: int  # corrupt samples dropped while filling this batch
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the family's sample_inputs, batched
 
 
 @dataclass
@@ -286,19 +291,21 @@ class TrainLoader:
         self._loader = iter(())
 
     def __next__(self) -> Batch:
-        images, tokens, keys, workers, positions, skipped = next(self._loader)
+        images, tokens, extras, keys, workers, positions, skipped = next(self._loader)
         worker = int(workers[-1])
         self.cursor.positions[worker] = int(positions[-1])
         self.cursor.next_worker = (worker + 1) % len(self.cursor.positions)
-        return Batch(images, tokens, list(keys), int(skipped.sum()))
+        return Batch(images, tokens, list(keys), int(skipped.sum()), extras)
 
 
 def build_train_loader(cfg: DataConfig, transform: Callable[[Image.Image], torch.Tensor],
                        tokenizer: Callable[[list[str]], torch.Tensor], *, dp_rank: int, dp_size: int, seed: int,
-                       cursor: dict | None = None) -> TrainLoader:
+                       cursor: dict | None = None,
+                       sample_inputs: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+                       ) -> TrainLoader:
     """The loader of one data-parallel rank (its tensor/pipeline peers build the same one), resumed
     from ``cursor`` (a ``LoaderCursor.to_dict()``) when given. The model family supplies the image
-    ``transform`` and the ``tokenizer``."""
+    ``transform``, the ``tokenizer`` and, if it has any, the per-sample ``sample_inputs``."""
     sources = resolve_sources(cfg)
     check_enough_shards(cfg, sources, dp_size)
     workers = max(cfg.workers, 1)
@@ -309,5 +316,6 @@ def build_train_loader(cfg: DataConfig, transform: Callable[[Image.Image], torch
                             f"loader worker(s) per rank; resume with data.workers={len(cursor['positions'])}")
         start_positions, offset = list(cursor["positions"]), int(cursor["next_worker"])
     stream = TrainStream(sources, [s.weight for s in cfg.source_list()], dp_rank, dp_size, workers, seed,
-                         cfg.resample, cfg.shuffle_buffer, transform, tokenizer, start_positions, offset)
+                         cfg.resample, cfg.shuffle_buffer, transform, tokenizer, start_positions, offset,
+                         sample_inputs)
     return TrainLoader(stream, cfg.batch_size, cfg.workers)

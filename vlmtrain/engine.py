@@ -7,6 +7,7 @@ data-parallel rank: tensor and pipeline peers see the same batches.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
@@ -33,6 +34,7 @@ from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, de
 from vlmtrain.models.registry import spec_of
 from vlmtrain.models.spec import ModelSpec
 from vlmtrain.optim import GradientClipper, build_optimizer, build_scheduler
+from vlmtrain.rng import seed_model_rng
 from vlmtrain.runlock import DirectoryLockedError, RunLock
 from vlmtrain.step import StepResult, train_step
 
@@ -103,7 +105,8 @@ def train(cfg: TrainConfig) -> dict:
             print(f"vlm-train: resumed from {resume.root / resume.tag} at step {start_step}", flush=True)
 
     batches = build_train_loader(cfg.data, spec.image_transform(cfg.model, True), spec.tokenizer(cfg.model),
-                                 dp_rank=groups.dp_rank, dp_size=dims.dp, seed=cfg.seed, cursor=cursor)
+                                 dp_rank=groups.dp_rank, dp_size=dims.dp, seed=cfg.seed, cursor=cursor,
+                                 sample_inputs=spec.sample_inputs(cfg.model) if spec.sample_inputs else None)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     meter = ThroughputMeter(flops_per_sample=count_flops_per_sample(spec, cfg.model),
                             peak_tflops=device_peak_tflops(cfg.metrics.peak_tflops), dp_size=dims.dp)
@@ -125,10 +128,12 @@ def train(cfg: TrainConfig) -> dict:
     record, step = {}, start_step
     while step < cfg.steps:
         step += 1
+        seed_micro_batch = functools.partial(seed_model_rng, cfg.seed, step, dp_rank=groups.dp_rank)
         if dims.pp > 1:
-            result = pipeline.train_step(engine, batches, dtype, cfg.optim.grad_accum_steps)
+            result = pipeline.train_step(engine, batches, dtype, cfg.optim.grad_accum_steps, seed_micro_batch)
         else:
-            result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps, clipper)
+            result = train_step(engine, batches, loss_fn, dtype, cfg.optim.grad_accum_steps, clipper,
+                                seed_micro_batch)
         bounds.apply()
         meter.add(result, first=step == start_step + 1)
         if key_log:

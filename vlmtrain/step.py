@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -24,9 +25,12 @@ class StepResult:
 
 
 def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int,
-               clipper: GradientClipper | None = None) -> StepResult:
+               clipper: GradientClipper | None = None,
+               seed_micro_batch: Callable[[int], None] | None = None) -> StepResult:
     """One optimizer step: ``accum_steps`` micro-batches, DeepSpeed steps on the last one (after
-    the gradients are clipped, where the trainer clips them)."""
+    the gradients are clipped, where the trainer clips them). ``seed_micro_batch(micro)`` seeds the
+    model's randomness before each forward (after the batch is read: a loader without workers
+    reseeds the global RNG per sample). A batch's extras reach the model as keyword arguments."""
     started = time.perf_counter()
     terms: dict[str, list[torch.Tensor]] = {}
     samples, skipped, waited, keys = 0, 0, 0.0, []
@@ -34,7 +38,10 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int,
         wait_from = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - wait_from
-        losses = loss_fn(engine(batch.images.to(engine.device, dtype), batch.tokens.to(engine.device)))
+        if seed_micro_batch:
+            seed_micro_batch(micro)
+        losses = loss_fn(engine(batch.images.to(engine.device, dtype), batch.tokens.to(engine.device),
+                                **to_device(batch.extras, engine.device, dtype)))
         engine.backward(losses["loss"])
         if clipper and micro == accum_steps - 1:
             clipper.clip()
@@ -46,3 +53,9 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int,
         keys += batch.keys
     return StepResult({name: torch.stack(values).mean() for name, values in terms.items()}, samples, skipped,
                       waited, time.perf_counter() - started, keys)
+
+
+def to_device(extras: dict[str, torch.Tensor], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Extras on the device; floating ones in the run's precision (as the images), masks and ids as they are."""
+    return {name: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+            for name, value in extras.items()}

@@ -17,6 +17,7 @@ so every rank reports its replica's losses.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -90,14 +91,19 @@ def split(spec: ModelSpec, model: nn.Module, objective: nn.Module, dims: Paralle
     return StagedModel(model, spec.pipeline_layers(model), RecordedLoss(objective), dims)
 
 
-def train_step(engine, batches, dtype: torch.dtype, accum_steps: int) -> StepResult:
-    """One optimizer step of ``accum_steps`` pipelined micro-batches (``engine.train_step``'s shape)."""
+def train_step(engine, batches, dtype: torch.dtype, accum_steps: int,
+               seed_micro_batch: Callable[[int], None] | None = None) -> StepResult:
+    """One optimizer step of ``accum_steps`` pipelined micro-batches (``engine.train_step``'s shape).
+    The model's randomness is seeded once per step (``seed_micro_batch(0)``): each stage then runs its
+    micro-batches in the schedule's fixed order, so its draws replay exactly on resume."""
     started = time.perf_counter()
     micro_batches, waited = [], 0.0
     for _ in range(accum_steps):
         wait_from = time.perf_counter()
         micro_batches.append(next(batches))
         waited += time.perf_counter() - wait_from
+    if seed_micro_batch:
+        seed_micro_batch(0)
     engine.train_batch(iter([((b.images.to(engine.device, dtype), b.tokens.to(engine.device)), NO_LABELS)
                              for b in micro_batches]))
     return StepResult({name: torch.tensor(value) for name, value in replica_losses(engine).items()},

@@ -44,8 +44,13 @@ class ModelSpec:
     tokenizer: Callable[[Any], Callable[[list[str]], torch.Tensor]]
     image_transform: Callable[[Any, bool], Callable]  # (model cfg, train) → PIL image → tensor
     # (model cfg, batch size) → the keyword inputs of one forward, made on the current default device
-    # (the meta device for FLOP counts and memory plans).
+    # (the meta device for FLOP counts and memory plans): images, tokens and any ``sample_inputs`` extras.
     example_inputs: Callable[[Any, int], dict[str, torch.Tensor]]
+    # (model cfg) → a per-sample function (image tensor, token ids) → extra named tensors (masks, masked
+    # tokens, labels…), run in the loader worker right after the image transform while torch's global
+    # RNG is seeded by the sample's position (so they are a pure function of seed and position). They
+    # are batched into ``Batch.extras`` and reach the model as keyword arguments of its forward.
+    sample_inputs: Callable[[Any], Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]] | None = None
     # Defaults implied by other keys the user set (e.g. SigLIP's init for loss=siglip).
     implied_defaults: Callable[[dict], dict] = lambda raw: {}
     # Parameters clamped after every optimizer step, and parameters logged, by name (any prefix).

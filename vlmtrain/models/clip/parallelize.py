@@ -57,7 +57,8 @@ class _Part(nn.Module):
 
 class ImageEmbed(_Part):
     def __init__(self, tower: VisionTower):
-        super().__init__(tower, ("patch_embed", "class_embedding", "positional_embedding", "ln_pre"))
+        super().__init__(tower, ("patch_embed", "class_embedding", "positional_embedding", "ln_pre",
+                                 "patch_dropout"))
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, tokens = inputs

@@ -8,7 +8,7 @@ from torch import nn
 
 from vlmtrain.configlib import at_least
 from vlmtrain.models.common.blocks import Transformer
-from vlmtrain.models.common.vision import check_heads
+from vlmtrain.models.common.vision import check_below_one, check_heads
 
 
 @dataclass
@@ -19,9 +19,12 @@ class TextConfig:
     layers: int = field(default=2, metadata=at_least(1))
     heads: int = field(default=2, metadata=at_least(1))
     mlp_ratio: float = field(default=4.0, metadata=at_least(0.25))
+    # Stochastic depth of the last block (block l of L drops rate·l/L), in [0, 1).
+    drop_path: float = 0.0
 
     def check(self, prefix: str) -> None:
         check_heads(prefix, self.width, self.heads)
+        check_below_one(prefix, "drop_path", self.drop_path)
 
 
 class TextTower(nn.Module):
@@ -29,7 +32,7 @@ class TextTower(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
