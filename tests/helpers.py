@@ -40,6 +40,19 @@ def loader_inputs(image_size: int = 16, context_length: int = 8) -> tuple:
     return CLIP_SPEC.image_transform(cfg, True), CLIP_SPEC.tokenizer(cfg)
 
 
+def png_bytes(seed: int, size: int = 20) -> bytes:
+    """A random RGB image as PNG bytes (a shard sample's image)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def measure_memory(out_dir, overrides: list[str], nproc: int = 2) -> list[dict]:
     """Per-rank bytes by component of a real DeepSpeed run (``tools/measure_memory.py`` on gloo)."""
     from vlmtrain.distributed.env import free_port

@@ -70,8 +70,9 @@ def block_rectangles(grid_h: int, grid_w: int, num_masked: int, min_block: int =
     """The rectangles ``(top, left, height, width)`` whose union is ``block_mask``'s mask.
 
     BEiT's ``MaskingGenerator``: propose a rectangle of area uniform in [min_block, remaining] and
-    aspect log-uniform in [1/max_aspect, max_aspect] at a uniform place; keep it if it masks between 1
-    and ``remaining`` new patches (overlaps allowed), up to 10 proposals per block. BEiT stops short of
+    aspect log-uniform in [1/max_aspect, max_aspect] at a uniform place; keep it if it has at least
+    ``min_block`` patches and masks between 1 and ``remaining`` new ones (overlaps allowed), up to 10
+    proposals per block. BEiT stops short of
     the target when a round of 10 fails (typically once fewer than ``min_block`` patches remain); we top
     up instead, with rectangles still: a 1-patch-high or -wide strip of exactly the remaining count of
     unmasked patches, uniformly among all such strips, else the longest strip there is, repeated. So the
@@ -92,8 +93,8 @@ def block_rectangles(grid_h: int, grid_w: int, num_masked: int, min_block: int =
             area = _uniform(min_block, max(min_block, remaining), generator)
             aspect = math.exp(_uniform(-log_aspect, log_aspect, generator))
             h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if not (1 <= h <= grid_h and 1 <= w <= grid_w):
-                continue
+            if not (1 <= h <= grid_h and 1 <= w <= grid_w) or h * w < min_block:
+                continue  # (BEiT keeps blocks that rounding took below the minimum; we do not)
             top, left = _randint(0, grid_h - h, generator), _randint(0, grid_w - w, generator)
             new = h * w - int(mask[top:top + h, left:left + w].sum())
             if 0 < new <= remaining:
