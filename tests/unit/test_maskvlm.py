@@ -241,3 +241,12 @@ def test_itm_learns_to_tell_matched_from_swapped_pairs():
         optimizer.step()
         itm.append(float(losses["itm"].detach()))
     assert itm[0] > 0.69 and sum(itm[-5:]) / 5 < 0.5, itm
+
+
+def test_forward_and_loss_run_on_the_meta_device():
+    """FLOP counts and ``vlm-train plan`` run the model and its loss on the meta device: no shape may
+    depend on the data (the masks' counts are fixed, the MLM head reads ``mlm_slots`` positions)."""
+    with torch.device("meta"):
+        model = SPEC.build(CFG)
+        losses = SPEC.build_loss(CFG, None)(model(**SPEC.example_inputs(CFG, 2)))
+    assert losses["loss"].shape == () and losses["loss"].is_meta
