@@ -129,7 +129,7 @@ def test_sample_inputs_mask_the_image_in_blocks_and_the_caption_bert_style(batch
     assert torch.equal(extras["mlm_tokens"][~labelled], batch["tokens"][0][~labelled])
 
 
-def test_itm_pairs_each_caption_with_its_own_image_and_a_swapped_one(batch, run):
+def test_itm_pairs_each_image_with_its_own_caption_and_a_swapped_one(batch, run):
     out, (itm_call, itm_output) = run["out"], run["calls"]["text_decoder"][1]
     partner = out["itm_partner"]
     assert torch.equal(out["itm_labels"], torch.tensor([1, 1, 1, 0, 0, 0]))

@@ -2,7 +2,7 @@
 
 - ``itc``: CLIP's contrastive loss, features gathered over the data-parallel group with gradients
   and labels offset by the dp rank (``models/clip/loss.ClipLoss``);
-- ``itm``: cross-entropy of matched / swapped pairs (the model pairs each caption with its own image
+- ``itm``: cross-entropy of matched / swapped pairs (the model pairs each image with its own caption
   and with one swapped in from the batch: ``objectives.itm_pairs``);
 - ``mlm``: cross-entropy at the masked caption positions only;
 - ``mim``: L1 (or MSE) on the pixels of the masked patches only.

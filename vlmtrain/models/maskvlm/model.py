@@ -14,8 +14,8 @@ text encoder          the caption                     ITC (pooled at EOT), memor
 text encoder          the caption with mlm_ratio of   MLM decoder input
                       its tokens BERT-masked
 text decoder          masked caption → full image     MLM at the masked positions only
-text decoder          captions → own and swapped      ITM (2B pairs: B matched, B swapped)
-                      images
+text decoder          own and swapped captions →      ITM (2B pairs: B matched, B swapped)
+                      each image
 image decoder         visible + [MASK] tokens →       MIM: pixels of the masked patches (L1)
                       full caption
 ====================  ==============================  ===============================================
@@ -154,7 +154,7 @@ class MaskVLM(nn.Module):
         _, visible = self.visual(images, order[:, :self.visible_patches])
         mim_pred = self.image_decoder(visible[:, 1:], order, text_tokens, text_mask)
 
-        # ITM: every caption with its own image (label 1) and with a swapped one (label 0).
+        # ITM: every image with its own caption (label 1) and with a swapped one (label 0, objectives.itm_pairs).
         similarity = (image_features @ text_features.T) if self.hard_negatives else None
         partner, labels = itm_pairs(len(tokens), 1.0, similarity=similarity)
         partner, labels = partner.to(tokens.device), labels.to(tokens.device)
