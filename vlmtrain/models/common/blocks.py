@@ -104,3 +104,50 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, causal=causal, attn_mask=attn_mask)
         return x
+
+
+class CrossAttention(nn.Module):
+    """Queries from ``x``, keys and values from ``memory`` (another sequence, possibly of another
+    width). ``key_mask`` ([batch, memory tokens], True = attend) hides padding; self-attention with a
+    key mask is this module with ``memory = x``. Head count from the projected width, as in ``Attention``."""
+
+    def __init__(self, width: int, heads: int, memory_width: int | None = None):
+        super().__init__()
+        memory_width = memory_width or width
+        self.head_dim = width // heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(memory_width, width)
+        self.v_proj = nn.Linear(memory_width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(memory), self.v_proj(memory)
+        heads = q.shape[-1] // self.head_dim
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(t.shape[0], t.shape[1], heads, self.head_dim).transpose(1, 2)
+
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], heads * self.head_dim))
+
+
+class CrossAttentionBlock(nn.Module):
+    """A pre-norm decoder block: bidirectional self-attention, cross-attention to ``memory``, MLP.
+    ``key_mask`` hides padding among the block's own tokens, ``memory_mask`` among the memory's."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, memory_width: int | None = None):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.self_attn = CrossAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.cross_attn = CrossAttention(width, heads, memory_width)
+        self.ln_3 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.self_attn(h, h, key_mask)
+        x = x + self.cross_attn(self.ln_2(x), memory, memory_mask)
+        return x + self.mlp(self.ln_3(x))
