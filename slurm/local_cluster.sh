@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR="$(realpath -m "${VLM_SLURM_DIR:-build/slurm}")"
-CPUS_PER_NODE="${VLM_SLURM_CPUS_PER_NODE:-2}"  # declared, not detected (SlurmdParameters=config_overrides)
+CPUS_PER_NODE="${VLM_SLURM_CPUS_PER_NODE:-4}"  # declared, not detected (SlurmdParameters=config_overrides)
 CTLD_PORT="${VLM_SLURM_PORT:-16817}"
 NODES=(node1 node2)
 export SLURM_CONF="$DIR/slurm.conf"
@@ -75,6 +75,8 @@ CONF
 # Environment profile of the local test cluster (slurm/local_cluster.sh); see slurm/profile.sh.
 export MASTER_ADDR=127.0.0.1
 export OMP_NUM_THREADS=1
+# Two Ray nodes and the test's other processes share this machine's cores: Ray's agents start slowly.
+export RAY_agent_register_timeout_ms=120000 RAY_raylet_start_wait_time_s=120
 PROFILE
 }
 
