@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         script = render(req, run_dir, workdir, sys.executable)
         if args.dry_run:
             sys.stdout.write(script)
+            if "--output=" in script:
+                print(f"vlm-submit: to sbatch this yourself, create {run_dir / 'slurm'} first (the job's log "
+                      f"goes there)", file=sys.stderr)
             return
         saved = run_dir / "slurm" / f"{req.name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
         saved.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import REPO, cli_env, run_tool
 from tests.helpers import assert_same_weights, exported_weights, losses, train
-from tests.slurm.conftest import PROFILE, Cluster
+from tests.slurm.conftest import CONF, PROFILE, Cluster
 
 pytestmark = [pytest.mark.dist, pytest.mark.e2e]
 
@@ -34,7 +34,8 @@ HOSTILE = "a b \"dq\" 'sq' $(touch {m}1) `touch {m}2`"
 
 
 def submit_tool(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlmtrain.submit", *args], cwd=cwd, env=cli_env(),
+    return subprocess.run([sys.executable, "-m", "vlmtrain.submit", *args], cwd=cwd,
+                          env={**cli_env(), "SLURM_CONF": str(CONF)},
                           capture_output=True, text=True, timeout=300)
 
 
@@ -74,7 +75,7 @@ def jobs(slurm_cluster: Cluster, small_corpus, tmp_path_factory) -> Jobs:
     # Curation: hostile config path (with a newline) and output_dir, rendered by --dry-run, run by sbatch.
     markers = root / "marker"
     hostile = root / (HOSTILE.format(m=markers) + "\nline")
-    hostile.mkdir()
+    hostile.mkdir(parents=True)
     config = hostile / "curate.yaml"
     config.write_text((REPO / "configs" / "curate" / "demo.yaml").read_text())
     pool = root / "pool"

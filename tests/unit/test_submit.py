@@ -53,3 +53,11 @@ def test_the_script_has_the_resources_and_its_arguments_arrive_literally(tmp_pat
 def test_a_run_directory_sbatch_cannot_hold_keeps_the_log_in_the_working_directory(tmp_path):
     script = render(JobRequest("curate", ("c.yaml",)), tmp_path / "it's here", tmp_path, "python3")
     assert "--output" not in script and "#SBATCH --ntasks-per-node=1" in script
+
+
+def test_the_torchrun_launcher_runs_one_task_per_node_with_all_its_ranks(tmp_path):
+    script = render(JobRequest("train", ("--config", "c.yaml"), nodes=2, gpus_per_node=8, launcher="torchrun"),
+                    tmp_path, tmp_path, "python3")
+    assert "#SBATCH --ntasks-per-node=1" in script.splitlines()
+    assert "VLM_LAUNCHER=torchrun VLM_RANKS_PER_NODE=8" in script
+    assert "--rdzv-backend=c10d" in script
