@@ -3,8 +3,8 @@
 One small object, in the spirit of Lightning's ``SLURMEnvironment(auto_requeue=True)``: it exists only
 inside a SLURM job, and rank 0 calls it once every rank has saved and left the process group.
 ``scontrol requeue`` ends the job at once, killing peers that are still exiting; so where the job
-script can requeue after its tasks have exited (slurm/train.sbatch sets VLM_REQUEUE_FLAG, a file on
-the first node, where rank 0 and the script run), rank 0 leaves it that flag instead.
+script can requeue after its tasks have exited (slurm/train.sbatch sets VLM_REQUEUE_FLAG, a file in
+the job's working directory, which every node sees), rank 0 leaves it that flag instead.
 """
 from __future__ import annotations
 
