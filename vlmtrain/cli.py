@@ -37,13 +37,15 @@ resuming:
   resume=latest continues the run in output_dir from its newest complete checkpoint (or starts
   it when there is none), exactly: same data order, same losses. resume=RUN/checkpoints/step_N
   picks a checkpoint. SIGTERM or SIGUSR1 (SLURM's pre-emption warning) saves at the end of the
-  current step and exits; rerun with resume=latest.
+  current step and exits; rerun with resume=latest. Under SLURM, SIGUSR1 also requeues the job
+  (scontrol requeue), whose script (vlm-submit's passes resume=latest) then continues the run.
   A checkpoint also resumes at another parallel.tp (same data-parallel size, zero_stage >= 1),
   through DeepSpeed's universal checkpoint; other layout changes are refused (init_from=RUN/final
   starts from the weights instead).
 
 launching:
-  Under torchrun or the deepspeed launcher, vlm-train runs as one worker of the job.
+  Under torchrun, the deepspeed launcher or srun (one task per GPU; see slurm/ and vlm-submit),
+  vlm-train runs as one worker of the job.
   Started on its own it launches --nproc-per-node local ranks itself (gloo on CPU).
 """
 
@@ -145,11 +147,11 @@ def train_main(argv: list[str] | None = None) -> None:
     from vlmtrain.checkpoint import check_output_dir
     from vlmtrain.config import load_train_config
     from vlmtrain.data import check_enough_shards, resolve_sources
-    from vlmtrain.distributed.env import free_port, is_launched
+    from vlmtrain.distributed.env import free_port, is_launched, read_env
 
     with user_errors("vlm-train"):
         cfg = load_train_config(args.config, args.overrides)
-        dims = cfg.parallel_dims(int(os.environ.get("WORLD_SIZE", args.nproc_per_node)))
+        dims = cfg.parallel_dims(read_env(os.environ).world_size if is_launched() else args.nproc_per_node)
         check_enough_shards(cfg.data, resolve_sources(cfg.data), dims.dp)
         check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
         if cfg.eval.every:

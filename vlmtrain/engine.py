@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from vlmtrain.distributed.deepspeed_config import build_deepspeed_config, traine
 from vlmtrain.distributed.env import discover
 from vlmtrain.distributed.full_state import full_state_dict
 from vlmtrain.distributed.parallel_dims import ParallelDims, ProcessGroups, build_process_groups
+from vlmtrain.distributed.rank_map import gather_rank_map, write_rank_map
+from vlmtrain.distributed.requeue import SlurmRequeue
 from vlmtrain.distributed.tensor_parallel import check_deepspeed_groups
 from vlmtrain.errors import CheckpointError
 from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, device_peak_tflops,
@@ -52,6 +55,7 @@ def train(cfg: TrainConfig) -> dict:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     dims = cfg.parallel_dims(env.world_size)
     groups = build_process_groups(dims, env.rank)
+    rank_map = gather_rank_map(env, dims)
     spec = spec_of(cfg.model)
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
@@ -69,6 +73,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.overwrite and not cfg.resume:
             checkpoint.clear_run_dir(run_dir)
         atomic.write_json(run_dir / "config.json", to_dict(cfg))
+        print(f"vlm-train: {write_rank_map(run_dir, rank_map)}", flush=True)
     dist.barrier()  # no rank writes into the run directory before it is cleared
 
     model = spec.build(cfg.model)
@@ -125,7 +130,7 @@ def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     bar = tqdm(initial=start_step, total=cfg.steps, desc="train", unit="step",
                disable=not (env.is_main and cfg.progress))
-    record, step = {}, start_step
+    record, step, preempted = {}, start_step, False
     while step < cfg.steps:
         step += 1
         seed_micro_batch = functools.partial(seed_model_rng, cfg.seed, step, dp_rank=groups.dp_rank)
@@ -181,6 +186,9 @@ def train(cfg: TrainConfig) -> dict:
     dist.destroy_process_group()
     if lock:
         lock.release()
+    requeue = SlurmRequeue.from_env(os.environ) if preempted and stop.requeue else None
+    if requeue and env.is_main:  # every rank has saved and left the group: the job may end now
+        print(f"vlm-train: {requeue.request()}", flush=True)
     return summary
 
 
@@ -270,21 +278,26 @@ class StopRequest:
     Ranks can receive the signal at different steps, so every rank votes each step and all stop
     together, after the same step. The vote is an asynchronous all-reduce read one step later, so
     no step waits for it: a signal stops the run at the end of the step after the one it arrived in.
+    ``requeue`` tells, once agreed, whether some rank got SIGUSR1: a pre-emption warning (the job
+    should run again), not a cancellation.
     """
 
     def __init__(self) -> None:
         self._requested = False
+        self._usr1 = False
+        self.requeue = False
         self._vote: tuple[torch.Tensor, object] | None = None
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._request)
 
-    def _request(self, signum, frame) -> None:
+    def _request(self, signum, frame) -> None:  # a flag only: the step in progress finishes
         self._requested = True
+        self._usr1 = self._usr1 or signum == signal.SIGUSR1
 
     def agreed(self) -> bool:
         """Collective (every rank, every step): whether a rank asked to stop by the previous step."""
         stop = self.close()
-        votes = torch.tensor([float(self._requested)])
+        votes = torch.tensor([float(self._requested), float(self._usr1)])
         work = dist.all_reduce(votes, async_op=True) if dist.is_initialized() else None
         self._vote = (votes, work)
         return stop
@@ -297,7 +310,8 @@ class StopRequest:
         if work is not None:
             work.wait()
         self._vote = None
-        return votes.item() > 0
+        self.requeue = bool(votes[1] > 0)
+        return bool(votes[0] > 0)
 
 
 def evaluate_in_training(engine, cfg: TrainConfig, spec: ModelSpec, dims: ParallelDims) -> dict[str, float]:
