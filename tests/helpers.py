@@ -117,17 +117,19 @@ def rewrite_captions_in_place(shard: Path, change) -> None:
 # ---------------------------------------------------------------- vlm-train runs
 
 
-def train_command(corpus: Path, out_dir: Path, ranks: int, *overrides: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "vlm-train"), "--config", "configs/train/demo.yaml",
+def train_command(corpus: Path, out_dir: Path, ranks: int, *overrides: str,
+                  config: str = "configs/train/demo.yaml") -> list[str]:
+    return [str(Path(sys.executable).parent / "vlm-train"), "--config", config,
             "--nproc-per-node", str(ranks), f"data.train_shards={corpus / 'train'}", f"output_dir={out_dir}",
             "metrics.tensorboard=false", "progress=false", *overrides]
 
 
-def train(corpus: Path, out_dir: Path, ranks: int, *overrides: str) -> subprocess.CompletedProcess:
+def train(corpus: Path, out_dir: Path, ranks: int, *overrides: str,
+          config: str = "configs/train/demo.yaml") -> subprocess.CompletedProcess:
     """A run that must succeed; returns its completed process (stdout says what it resumed)."""
     from tests.conftest import run_tool
 
-    result = run_tool(*train_command(corpus, out_dir, ranks, *overrides))
+    result = run_tool(*train_command(corpus, out_dir, ranks, *overrides, config=config))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
