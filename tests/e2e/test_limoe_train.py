@@ -12,7 +12,7 @@ from tests.helpers import assert_same_weights, exported_weights, kill_while_writ
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 CONFIG = "configs/train/limoe_tiny.yaml"
 STEPS = 8
-COMMON = (f"steps={STEPS}", "log_every=1", "data.batch_size=16", "optim.warmup_steps=2", "optim.lr=3e-3",
+COMMON = (f"steps={STEPS}", "log_every=1", "data.batch_size=16", "optim.warmup_steps=2", "optim.lr=5e-4",
           "checkpoint.every=2", "model.moe.capacity_factor=2.0")
 
 
@@ -27,7 +27,7 @@ def straight(small_corpus, tmp_path_factory):
 def test_a_short_ep2_run_learns_and_draws_its_routing(straight):
     records = metrics(straight)
     contrastive = [r["loss/contrastive"] for r in records if "loss/contrastive" in r]
-    assert contrastive[-1] < contrastive[0] - 0.2
+    assert sum(contrastive[-2:]) / 2 < contrastive[0] - 0.2
     assert (straight / "routing.png").stat().st_size > 10_000
     assert json.loads((straight / "train_summary.json").read_text())["parallel"] == {"dp": 2, "tp": 1, "pp": 1, "ep": 2}
     for term in ("l_aux", "image_local_entropy", "image_global_entropy", "text_local_entropy", "text_global_entropy"):
