@@ -61,7 +61,8 @@ def main() -> None:
     work = args.work.resolve()
     data = (args.data or work / "data").resolve()
     if not (data / "manifest.json").exists():
-        subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--out", str(data)], check=True)
+        subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--out", str(data), "--seed", "0"],
+                       check=True)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
     common = [f"data.batch_size={args.batch}", "log_every=10"]
     speeds: dict[int, list[float]] = {1: [], 2: []}
