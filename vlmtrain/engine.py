@@ -394,4 +394,4 @@ def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerp
 
 
 def _describe(layout: dict) -> str:
-    return " × ".join(f"{axis}={layout[axis]}" for axis in ("dp", "tp", "pp"))
+    return " × ".join(f"{axis}={layout[axis]}" for axis in ("dp", "tp", "pp", "ep") if axis in layout)

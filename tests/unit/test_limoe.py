@@ -112,3 +112,18 @@ def test_layouts_moe_cannot_run_fail_before_launch_in_one_line(tmp_path, capsys,
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_checkpoint_resumes_only_at_its_expert_parallelism(tmp_path):
+    """DeepSpeed's per-expert files are written per ep rank: another ep is refused, naming both layouts."""
+    from vlmtrain.config import load_train_config
+    from vlmtrain.configlib import to_dict
+    from vlmtrain.engine import check_resumable
+    from vlmtrain.errors import CheckpointError
+
+    cfg = load_train_config("configs/train/limoe_tiny.yaml", [f"data.train_shards={tmp_path}", "parallel.ep=1"])
+    sidecar = {"config": to_dict(cfg), "data_fingerprint": "f", "world_size": 2, "parallel": {"dp": 2, "tp": 1, "pp": 1, "ep": 2}}
+    with pytest.raises(CheckpointError, match=r"written at dp=2 × tp=1 × pp=1 × ep=2, this run is dp=2 × tp=1 × pp=1;"):
+        check_resumable(sidecar, cfg, cfg.parallel_dims(2), "f")
+    cfg.parallel.ep = 2
+    check_resumable(sidecar, cfg, cfg.parallel_dims(2), "f")

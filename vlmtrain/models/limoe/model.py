@@ -71,12 +71,10 @@ class LIMoE(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalized features and temperature (the contrastive loss's inputs), the mean ``l_aux`` over
         MoE blocks and passes, and each pass's router probabilities ``[blocks, tokens, experts]``."""
-        out = {"image_features": F.normalize(self.encode_image(images), dim=-1)}
-        image_routing = self.last_routing["image"]
-        out["text_features"] = F.normalize(self.encode_text(tokens), dim=-1)
-        out["logit_scale"] = self.logit_scale.exp()
-        routings = {"image": image_routing, "text": self.last_routing["text"]}
-        self.last_routing = routings
+        out = {"image_features": F.normalize(self.encode_image(images), dim=-1),
+               "text_features": F.normalize(self.encode_text(tokens), dim=-1),
+               "logit_scale": self.logit_scale.exp()}
+        routings = self.last_routing  # both passes' now
         if routings["image"]:
             out["l_aux"] = torch.stack([r.l_aux for m in MODALITIES for r in routings[m]]).mean()
             for modality in MODALITIES:
