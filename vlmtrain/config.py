@@ -85,9 +85,11 @@ class MetricsConfig:
 
 @dataclass
 class ParallelConfig:
-    """Tensor- and pipeline-parallel degrees; data parallelism takes the remaining ranks."""
+    """Tensor- and pipeline-parallel degrees; data parallelism takes the remaining ranks. ``ep`` splits
+    a mixture of experts' experts over groups of ``ep`` data-parallel ranks."""
     tp: int = field(default=1, metadata=at_least(1))
     pp: int = field(default=1, metadata=at_least(1))
+    ep: int = field(default=1, metadata=at_least(1))
 
 
 @dataclass
@@ -132,6 +134,7 @@ class TrainConfig:
             raise ConfigError("parallel.tp and parallel.pp cannot both be > 1 yet: use one of them "
                               "(data parallelism composes with either)")
         spec = spec_of(self.model)
+        check_experts(self, spec)
         for key, heads in spec.tp_divisible(self.model).items():
             if heads % self.parallel.tp:
                 raise ConfigError(f"parallel.tp={self.parallel.tp} does not divide {key}={heads}: each "
@@ -146,7 +149,27 @@ class TrainConfig:
 
     def parallel_dims(self, world_size: int) -> ParallelDims:
         """The validated layout of this run on ``world_size`` ranks."""
-        return ParallelDims(world_size, tp=self.parallel.tp, pp=self.parallel.pp)
+        return ParallelDims(world_size, tp=self.parallel.tp, pp=self.parallel.pp, ep=self.parallel.ep)
+
+
+def check_experts(cfg: TrainConfig, spec) -> None:
+    """A mixture of experts on DeepSpeed: ZeRO ≤ 2, experts split evenly over ``parallel.ep``, and (for
+    now) no tensor or pipeline parallelism beside it; families without a tensor-parallel plan refuse tp."""
+    experts = spec.experts.num_experts(cfg.model) if spec.experts else 0
+    ep = cfg.parallel.ep
+    if ep > 1 and not experts:
+        raise ConfigError(f"parallel.ep={ep} needs a model with experts (model.family=limoe with moe.every >= 1); "
+                          f"set parallel.ep=1")
+    if experts and cfg.zero_stage == 3:
+        raise ConfigError("zero_stage=3 cannot partition DeepSpeed's MoE experts: set zero_stage=1 or 2 "
+                          "(ZeRO 1/2 still shard the optimizer states of experts over their data-parallel ranks)")
+    if experts % ep:
+        raise ConfigError(f"parallel.ep={ep} does not divide model.moe.num_experts={experts}: each expert-parallel "
+                          f"rank holds the same number of experts; pick an ep that divides it")
+    if ep > 1 and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
+        raise ConfigError(f"parallel.ep={ep} cannot be combined with parallel.tp or parallel.pp > 1 yet: set them to 1")
+    if cfg.parallel.tp > 1 and not (spec.tp_plan.column or spec.tp_plan.row):
+        raise ConfigError(f"model.family={spec.family} has no tensor-parallel plan: set parallel.tp=1")
 
 
 # ---------------------------------------------------------------- loading

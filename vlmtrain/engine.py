@@ -76,7 +76,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"vlm-train: {write_rank_map(run_dir, rank_map)}", flush=True)
     dist.barrier()  # no rank writes into the run directory before it is cleared
 
-    model = spec.build(cfg.model)
+    model = (spec.experts.build_sharded(cfg.model, dims.ep, dims.ep_rank(env.rank)) if dims.ep > 1
+             else spec.build(cfg.model))
     if cfg.init_from and not resume:
         model.load_state_dict(checkpoint.load_initial_weights(cfg.init_from, cfg.model))
     loss_fn = spec.build_loss(cfg.model, groups.dp)
@@ -127,6 +128,8 @@ def train(cfg: TrainConfig) -> dict:
                    "parallel": layout_of(dims), "config": to_dict(cfg)}
         checkpoint.save_training_state(engine, run_dir, step, sidecar, keep=cfg.checkpoint.keep)
 
+    if resume:  # model-side randomness (MoE token selection, router noise) continues exactly
+        checkpoint.restore_rng_state(resume, env.rank)
     started = time.perf_counter()
     bar = tqdm(initial=start_step, total=cfg.steps, desc="train", unit="step",
                disable=not (env.is_main and cfg.progress))
@@ -149,6 +152,8 @@ def train(cfg: TrainConfig) -> dict:
             grad_norm = clipper.norm() if clipper else engine.get_global_grad_norm()  # before clipping
             if grad_norm is not None:  # None where DeepSpeed keeps none
                 record["grad_norm"] = float(grad_norm)
+            if spec.step_diagnostics:
+                record.update(spec.step_diagnostics(engine.module))
             metrics.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
         if cfg.eval.every and step % cfg.eval.every == 0:
@@ -164,6 +169,8 @@ def train(cfg: TrainConfig) -> dict:
     stop.close()
     bar.close()
     metrics.close()
+    if spec.plot_run and env.is_main:
+        spec.plot_run(run_dir)
     if key_log:
         key_log.close()
 
@@ -208,7 +215,7 @@ def hold_run_directory(run_dir: Path, is_main: bool) -> RunLock | None:
 
 
 def layout_of(dims: ParallelDims) -> dict:
-    return {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}
+    return {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp, **({"ep": dims.ep} if dims.ep > 1 else {})}
 
 
 def data_cursors(cursor: dict, dims: ParallelDims) -> list[dict]:
@@ -325,7 +332,7 @@ def evaluate_in_training(engine, cfg: TrainConfig, spec: ModelSpec, dims: Parall
     from vlmtrain.eval.suite import evaluate_all, metrics_for_logging
 
     model = engine.module
-    if engine.zero_optimization_stage() == 3 or cfg.precision != "fp32" or dims.tp > 1 or dims.pp > 1:
+    if engine.zero_optimization_stage() == 3 or cfg.precision != "fp32" or dims.tp > 1 or dims.pp > 1 or dims.ep > 1:
         model = spec.build(cfg.model)
         model.load_state_dict(full_state_dict(engine, dims))
         model.to(engine.device)
@@ -410,4 +417,4 @@ def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerp
 
 
 def _describe(layout: dict) -> str:
-    return " × ".join(f"{axis}={layout[axis]}" for axis in ("dp", "tp", "pp"))
+    return " × ".join(f"{axis}={layout[axis]}" for axis in ("dp", "tp", "pp", "ep") if axis in layout)

@@ -21,11 +21,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay_names: Sequence
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if no_weight_decay(name, param, no_decay_names) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = split_expert_groups(groups)
     # The fused kernel (CPU and CUDA) steps all tensors at once; the default per-tensor loop costs
     # as much as forward + backward for a small CLIP with a 49k-token embedding.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def split_expert_groups(groups: list[dict]) -> list[dict]:
+    """DeepSpeed MoE's experts get groups of their own (same weight decay as the group they came from):
+    their gradients are averaged and their ZeRO states sharded over the expert-data-parallel ranks."""
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+
+    if not any(is_moe_param(p) for group in groups for p in group["params"]):
+        return groups
+    return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):

@@ -22,7 +22,7 @@ class ParallelDims:
     world: int
     tp: int = 1
     pp: int = 1
-    ep: int = 1  # expert parallelism: reserved for the mixture-of-experts family
+    ep: int = 1  # expert parallelism: groups of ep consecutive data-parallel ranks share out the experts
 
     def __post_init__(self) -> None:
         for key, value in (("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.ep", self.ep)):
@@ -33,7 +33,9 @@ class ParallelDims:
                               f"parallel.pp={self.pp} groups: the world size must be a multiple of tp·pp="
                               f"{self.tp * self.pp} (change parallel.tp/parallel.pp or the number of ranks)")
         if self.ep > 1 and self.dp % self.ep:
-            raise ConfigError(f"parallel.ep={self.ep} must divide the data-parallel size {self.dp}")
+            raise ConfigError(f"parallel.ep={self.ep} does not divide the data-parallel size dp={self.dp}: "
+                              f"expert groups are made of data-parallel ranks; pick an ep that divides {self.dp} "
+                              f"or change the number of ranks")
 
     @property
     def dp(self) -> int:
@@ -50,6 +52,10 @@ class ParallelDims:
 
     def dp_rank(self, rank: int) -> int:
         return self.coordinates(rank)[1]
+
+    def ep_rank(self, rank: int) -> int:
+        """This rank's place in its expert group (DeepSpeed's: consecutive data-parallel ranks)."""
+        return self.dp_rank(rank) % self.ep
 
     def dp_groups(self) -> list[list[int]]:
         """Ranks that hold the same model shard and different data: gradients and contrastive gathers."""

@@ -36,7 +36,7 @@ WORK_DIR = ".universal"  # under the run's checkpoints directory, removed once l
 
 def can_change_layout(saved: dict, now: dict, zero_stage: int) -> bool:
     """Whether a checkpoint written at layout ``saved`` resumes exactly at ``now`` (``{"dp", "tp", "pp"}``)."""
-    if zero_stage < 1 or saved["dp"] != now["dp"]:
+    if zero_stage < 1 or saved["dp"] != now["dp"] or saved.get("ep", 1) != now.get("ep", 1):
         return False
     tp_changed = saved["pp"] == now["pp"] == 1
     unsplit = saved["pp"] > 1 and now["pp"] == 1 and saved["tp"] == now["tp"] == 1

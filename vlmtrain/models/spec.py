@@ -33,6 +33,13 @@ class StateDictAdapter:
 
 
 @dataclass(frozen=True)
+class ExpertParallelism:
+    """A mixture-of-experts family's experts, split over the ``parallel.ep`` ranks of an expert group."""
+    num_experts: Callable[[Any], int]  # (model cfg) → experts per MoE layer; 0 for a model without any
+    build_sharded: Callable[[Any, int, int], nn.Module]  # (model cfg, ep, ep rank) → this rank's model
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     family: str
     config_cls: type  # a dataclass with ``family`` and ``preset`` fields; its fields are the ``model:`` schema
@@ -68,6 +75,12 @@ class ModelSpec:
     # (model cfg) → how many layers a pipeline can split (stages must not outnumber them).
     pipeline_depth: Callable[[Any], int] = lambda cfg: 1
     adapter: StateDictAdapter | None = None
+    experts: ExpertParallelism | None = None
+    # (training module) → scalars added to each log record (collective: every rank calls it at every
+    # log step), e.g. a mixture of experts' routing statistics.
+    step_diagnostics: Callable[[nn.Module], dict[str, float]] | None = None
+    # (run directory) → figures drawn from its metrics at the end of a run (rank 0).
+    plot_run: Callable[[Any], None] | None = None
 
     def resolve(self, raw: Mapping, prefix: str = "model") -> Any:
         """The model config for a ``model:`` section: its preset's values, then what other keys imply,
