@@ -186,16 +186,11 @@ def saved_layout(sidecar: dict) -> dict:
 
 
 def load_training_state(engine, point: ResumePoint) -> None:
-    """Collective: restore model, optimizer and scheduler from ``point`` (the RNG: ``restore_rng_state``)."""
+    """Collective: restore model, optimizer, scheduler and this rank's RNG from ``point``."""
     load_path, _ = engine.load_checkpoint(str(point.root), tag=point.tag)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {point.root / point.tag}")
-
-
-def restore_rng_state(point: ResumePoint, rank: int) -> None:
-    """This rank's RNG as saved at ``point``. Called right before the first resumed step: building the
-    loader and the engine draws from the generator, which the uninterrupted run did before its step 1."""
-    _restore_rng_state(point.root / point.tag / f"rng_rank{rank}.pt")
+    _restore_rng_state(point.root / point.tag / f"rng_rank{engine.global_rank}.pt")
 
 
 def write_export(state: dict[str, torch.Tensor], model_cfg, out_dir: Path, metadata: dict) -> None:

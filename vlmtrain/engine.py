@@ -128,8 +128,6 @@ def train(cfg: TrainConfig) -> dict:
                    "parallel": layout_of(dims), "config": to_dict(cfg)}
         checkpoint.save_training_state(engine, run_dir, step, sidecar, keep=cfg.checkpoint.keep)
 
-    if resume:  # model-side randomness (MoE token selection, router noise) continues exactly
-        checkpoint.restore_rng_state(resume, env.rank)
     started = time.perf_counter()
     bar = tqdm(initial=start_step, total=cfg.steps, desc="train", unit="step",
                disable=not (env.is_main and cfg.progress))
