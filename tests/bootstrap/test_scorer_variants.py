@@ -87,7 +87,7 @@ def test_each_variant_runs_through_the_embed_step_and_agrees_with_the_exact_scor
     sparse = SparsifyConfig(depths=[1, 2, 3], keep=0.7)
     variants = {"bf16": (quiet(precision="bf16"), 0.99), "int8": (quiet(precision="int8"), 0.99),
                 "sparse": (quiet(sparsify=sparse), 0.9), "int8+sparse": (quiet(precision="int8", sparsify=sparse), 0.9)}
-    for name, (cfg, bound) in variants.items():
+    for name, (cfg, bound) in variants.items():  # in this process: the class Ray's actors run (test_embed.py)
         scores = embed_pool([shard], tmp_path / name, spec, cfg, use_ray=False)["clip_score"]
         rho = spearman(scores, exact)
         assert bound < rho < 1.0 - 1e-9, (name, rho)  # close to the exact scorer, yet not it

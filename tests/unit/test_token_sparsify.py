@@ -18,7 +18,7 @@ def tower():
     return build_clip(CFG).eval().visual
 
 
-def test_explicit_attention_matches_the_block_and_its_class_row_is_the_softmax_of_the_class_query(tower):
+def test_attention_matches_the_block_and_its_class_row_is_the_softmax_of_the_class_query(tower):
     attn = tower.transformer.blocks[1].attn
     x = torch.randn(3, 17, 32)
     out, class_row = attention_with_class_row(attn, x)

@@ -1,8 +1,8 @@
 """Training-free token sparsification of a ViT image tower, for cheaper inference (EViT, Liang et al. 2022).
 
 ``SparsifiedVisionTower`` runs a ``VisionTower``'s own modules (it holds no weights of its own). In
-each block of ``depths`` the attention is computed with its weights, so the class token's attention
-to every other token (averaged over heads) is known; after that block's attention, the class token
+each block of ``depths`` the class token's attention to every other token (averaged over heads) is
+computed beside the block's attention (the fused kernel returns no weights); after that block's attention, the class token
 and the ``keep`` fraction of the other tokens it attends to most go on to the block's MLP and to
 the later blocks. With ``fuse`` the dropped tokens go on as one extra token, their sum weighted by
 that attention (EViT's "inattentive token fusion"; an earlier fused token competes like any other);
@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmtrain.models.common.blocks import Attention, Block
@@ -22,8 +23,8 @@ from vlmtrain.models.common.vision import VisionTower
 
 
 def attention_with_class_row(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attn(x)`` computed with explicit weights, and the class token's (row 0) attention to the other
-    tokens averaged over heads: [B, T-1]."""
+    """``attn(x)`` (the same fused kernel), and the class token's (row 0) attention to the other tokens,
+    averaged over heads: [B, T-1]. Only that row is computed explicitly: one query against T keys."""
     batch, tokens, _ = x.shape
     q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     heads = q.shape[-1] // attn.head_dim
@@ -32,9 +33,9 @@ def attention_with_class_row(attn: Attention, x: torch.Tensor) -> tuple[torch.Te
         return t.view(batch, tokens, heads, attn.head_dim).transpose(1, 2)
 
     q, k, v = split(q), split(k), split(v)
-    weights = ((q * attn.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, T, T]
-    out = (weights @ v).transpose(1, 2).reshape(batch, tokens, heads * attn.head_dim)
-    return attn.out_proj(out), weights[:, :, 0, 1:].mean(dim=1)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, heads * attn.head_dim)
+    class_row = ((q[:, :, :1] * attn.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, T]
+    return attn.out_proj(out), class_row[:, :, 0, 1:].mean(dim=1)
 
 
 def keep_attended_tokens(x: torch.Tensor, class_attention: torch.Tensor, keep: float, fuse: bool) -> torch.Tensor:
