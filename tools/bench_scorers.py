@@ -11,6 +11,8 @@ For each variant, on the curated demo pool and one trained CLIP scorer (a vlm-tr
   Spearman rho    of the variant's CLIP scores against the exact (fp32, dense) scorer's, whole pool
   top-75% overlap |kept ∩ kept_exact| / |kept_exact| when each keeps its best-scoring 75% (the
                   CLIP-score rule of the demo's bootstrap round: top_fraction 0.75)
+  mismatched out  with ``--ground-truth`` (the generator's train/index.parquet): the fraction of the
+                  pool's mismatched-caption pairs that the top-75% rule removes, what pruning is for
 
 The agreement comes from one embed step per variant over the whole pool (untimed). Speeds are
 medians over ``--rounds`` rounds; inside a round the variants run one after the other in turn, so a
@@ -92,15 +94,23 @@ def time_forward(model, batches, image_only: bool) -> tuple[float, float]:
     return clock.rates(sum(len(p) for p, _ in batches))
 
 
+def kept_at_top(scores: pd.DataFrame) -> set[str]:
+    rule = ClipScoreConfig(rule="top_fraction", top_fraction=KEEP_FRACTION)
+    return set(scores["uid"][passes_clip_score(scores[["uid", "clip_score"]], rule)[0]])
+
+
 def agreement(scores: pd.DataFrame, exact: pd.DataFrame) -> tuple[float, float]:
     """Spearman rho of the scores and overlap of the top-75% kept sets, against the exact scorer's."""
     both = exact.merge(scores, on="uid", suffixes=("_exact", ""), validate="one_to_one")
     rho = float(both["clip_score"].corr(both["clip_score_exact"], method="spearman"))
-    rule = ClipScoreConfig(rule="top_fraction", top_fraction=KEEP_FRACTION)
-    kept = set(both["uid"][passes_clip_score(both[["uid", "clip_score"]], rule)[0]])
-    kept_exact = set(both["uid"][passes_clip_score(both[["uid", "clip_score_exact"]].rename(
-        columns={"clip_score_exact": "clip_score"}), rule)[0]])
+    kept, kept_exact = kept_at_top(scores), kept_at_top(exact)
     return rho, len(kept & kept_exact) / len(kept_exact)
+
+
+def mismatched_removed(scores: pd.DataFrame, truth: pd.DataFrame) -> float:
+    """Fraction of the pool's mismatched-caption pairs (by source key) outside the top-75% kept set."""
+    mismatched = scores[scores["key"].isin(set(truth.loc[truth["noise"] == "mismatched_caption", "key"]))]
+    return 1 - len(set(mismatched["uid"]) & kept_at_top(scores)) / len(mismatched)
 
 
 def main() -> None:
@@ -113,6 +123,7 @@ def main() -> None:
     parser.add_argument("--forward-images", type=int, default=1024, help="images in the forward-only timings")
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="sparsified blocks (0-based)")
     parser.add_argument("--keep", type=float, default=0.7, help="fraction of tokens kept at each of them")
+    parser.add_argument("--ground-truth", type=Path, help="the generator's train/index.parquet (key, noise)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -134,7 +145,7 @@ def main() -> None:
     speeds = {name: {"embed": [], "forward": [], "image": []} for name in configs}
     with tempfile.TemporaryDirectory(dir=REPO / "build") as tmp:
         scores = {name: embed_pool(shards, Path(tmp) / f"pool-variant{number}", spec, cfg, use_ray=False,
-                                   log=lambda _: None)[["uid", "clip_score"]]
+                                   log=lambda _: None)[["uid", "key", "clip_score"]]
                   for number, (name, cfg) in enumerate(configs.items())}
         for round_index in range(args.rounds):
             for number, (name, cfg) in enumerate(configs.items()):
@@ -147,12 +158,15 @@ def main() -> None:
     load_after = os.getloadavg()
 
     exact_name = next(iter(configs))
+    truth = pd.read_parquet(args.ground_truth, columns=["key", "noise"]) if args.ground_truth else None
     rows = []
     for name in configs:
         rho, overlap = agreement(scores[name], scores[exact_name])
         median = {f"{k}_{clock}_img_s": round(statistics.median(rate[i] for rate in v), 1)
                   for k, v in speeds[name].items() for i, clock in enumerate(("wall", "cpu"))}
         rows.append({"variant": name, **median, "spearman": round(rho, 4), "top75_overlap": round(overlap, 4)})
+        if args.ground_truth:
+            rows[-1]["mismatched_removed"] = round(mismatched_removed(scores[name], truth), 4)
     exact = rows[0]
     print(f"{len(scores[exact_name])} pool images in {len(shards)} shards; scorer {base.name}; batch "
           f"{args.batch_size}; 1 torch thread; embed step timed over {args.timing_shards} shard(s), forward over "
@@ -160,12 +174,17 @@ def main() -> None:
     print(f"sparsify: blocks {args.depths} of {len(base.model.visual.transformer.blocks)}, keep {args.keep} at each; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after ({os.cpu_count()} cores)")
     print("images per second of wall time / per CPU-second of this process (× the exact scorer's, CPU-time)")
-    print("| variant | embed step | forward | image tower | Spearman ρ | top-75% overlap |")
-    print("|---|---|---|---|---|---|")
+    extra = " mismatched out |" if truth is not None else ""
+    print(f"| variant | embed step | forward | image tower | Spearman ρ | top-75% overlap |{extra}")
+    print(f"|---|---|---|---|---|---|{'---|' if extra else ''}")
     for row in rows:
         cells = [f"{row[f'{k}_wall_img_s']:.0f} / {row[f'{k}_cpu_img_s']:.0f} "
                  f"({row[f'{k}_cpu_img_s'] / exact[f'{k}_cpu_img_s']:.2f}×)" for k in ("embed", "forward", "image")]
-        print(f"| {row['variant']} | {' | '.join(cells)} | {row['spearman']:.4f} | {row['top75_overlap']:.4f} |")
+        if truth is not None:
+            cells.append(f"{row['spearman']:.4f} | {row['top75_overlap']:.4f} | {row['mismatched_removed']:.3f}")
+        else:
+            cells.append(f"{row['spearman']:.4f} | {row['top75_overlap']:.4f}")
+        print(f"| {row['variant']} | {' | '.join(cells)} |")
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "load_before": load_before, "load_after": load_after,
                                         "speeds": speeds}, indent=1))
