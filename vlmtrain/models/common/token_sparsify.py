@@ -2,9 +2,9 @@
 
 ``SparsifiedVisionTower`` runs a ``VisionTower``'s own modules (it holds no weights of its own). In
 each block of ``depths`` the class token's attention to every other token (averaged over heads) is
-computed beside the block's attention (the fused kernel returns no weights); after that block's attention, the class token
-and the ``keep`` fraction of the other tokens it attends to most go on to the block's MLP and to
-the later blocks. With ``fuse`` the dropped tokens go on as one extra token, their sum weighted by
+computed beside the block's attention (the fused kernel returns no weights); after that attention,
+the class token and the ``keep`` fraction of the other tokens it attends to most go on to the
+block's MLP and to the later blocks. With ``fuse`` the dropped tokens go on as one extra token, their sum weighted by
 that attention (EViT's "inattentive token fusion"; an earlier fused token competes like any other);
 without it they are dropped (DynamicViT's hard pruning, with the class attention as the score
 instead of DynamicViT's learned predictor, so no training is needed). The kept tokens stay in their
