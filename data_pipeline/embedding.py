@@ -38,7 +38,7 @@ MODEL_FILE = "model.json"
 class JobEmbedder:
     """One model worker (a Ray actor, or an object in this process): loads the model once, then embeds jobs."""
 
-    def __init__(self, spec: dict, batch_size: int, threads: int, variant: dict | None = None):
+    def __init__(self, spec: dict, batch_size: int, threads: int, variant: dict):
         import torch
 
         from data_pipeline import scorer_variants
@@ -49,7 +49,7 @@ class JobEmbedder:
         self.batch_size = batch_size
         self.loaded, self.load_error = None, None
         try:
-            cfg = from_dict(EmbedConfig, variant or {}, "embed")  # its precision and sparsify keys
+            cfg = from_dict(EmbedConfig, variant, "embed")  # its precision and sparsify keys
             cfg.check("embed")
             self.loaded = scorer_variants.apply(ModelSpec(**spec).load(), cfg)
         except (CheckpointError, ConfigError) as err:  # reported by embed(): Ray would bury it in an actor-died error
