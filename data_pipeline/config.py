@@ -144,12 +144,32 @@ def load_curate_config(path: str | Path | None, overrides: list[str] = ()) -> Cu
 # ------------------------------------------------------------------ CLIP scoring and bootstrapping
 
 
+SCORER_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+@dataclass
+class SparsifyConfig:
+    """Training-free token sparsification of the scorer's image tower (EViT-style; see
+    vlmtrain/models/common/token_sparsify.py): in each block of ``depths`` (0-based) only the class
+    token and the ``keep`` fraction of the other tokens it attends to most go on. No depths: dense."""
+    depths: list[int] = field(default_factory=list)
+    keep: float = field(default=0.7, metadata={"min": 0.01, "max": 1.0})
+    fuse: bool = True  # the dropped tokens go on as one token, their class-attention-weighted sum (EViT)
+
+    def check(self, prefix: str) -> None:
+        if any(d < 0 for d in self.depths) or len(set(self.depths)) != len(self.depths):
+            raise ConfigError(f"config key '{prefix}.depths': got {self.depths}, must be distinct block "
+                              "indices >= 0 (e.g. [1, 2, 3])")
+
+
 @dataclass
 class EmbedConfig:
     """How the embed stage's Ray actor pool runs a CLIP model over the pool. The model itself (a vlm-train
     checkpoint, or an open_clip model with a local weights file) is ``ModelSpec`` (below): given on
     the ``vlm-curate embed`` command line, as ``embedding.model`` of a curation run, or each bootstrap
-    round's scorer (the round before it)."""
+    round's scorer (the round before it). ``precision`` and ``sparsify`` make a cheaper, inexact
+    scorer (data_pipeline/scorer_variants.py; measured in BENCHMARKS.md "Cheaper scorers"); the
+    defaults (fp32, no sparsification) are exact."""
     batch_size: int = field(default=256, metadata={"min": 1})  # images per forward
     workers: int = field(default=2, metadata={"min": 1})  # model actors
     # Fractional CPUs, as for the scoring actors: the model actors share the machine with the run's
@@ -158,6 +178,17 @@ class EmbedConfig:
     threads_per_worker: int = field(default=1, metadata={"min": 1})  # torch threads inside one actor
     num_cpus: int = field(default=0, metadata={"min": 0})  # local Ray only; 0 = all cores
     progress: bool = True
+    precision: str = field(default="fp32", metadata={"choices": SCORER_PRECISIONS})  # int8: CPU only
+    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
+
+    def check(self, prefix: str) -> None:
+        self.sparsify.check(f"{prefix}.sparsify")
+
+    def variant(self) -> dict:
+        """The scorer variant, as the embeddings' stamp records it: {} for the exact (default) scorer."""
+        if self.precision == "fp32" and not self.sparsify.depths:
+            return {}
+        return {"precision": self.precision, "sparsify": to_dict(self.sparsify) if self.sparsify.depths else None}
 
 
 CLIP_SCORE_RULES = ("threshold", "top_fraction")
@@ -297,6 +328,7 @@ class EmbeddingConfig:
                 if getattr(self, name).enabled]
 
     def check(self) -> None:
+        self.embed.check("embedding.embed")
         stages = self.enabled_stages()
         if stages and not self.model.is_set():
             raise ConfigError(f"embedding.{stages[0]} is enabled but 'embedding.model' names no model: set "
@@ -344,4 +376,6 @@ def load_bootstrap_config(path: str | Path | None, overrides: list[str] = ()) ->
     """Read a bootstrap YAML (see configs/curate/bootstrap_demo.yaml), apply overrides, validate."""
     from vlmtrain.configlib import read_yaml_with_overrides
 
-    return from_dict(BootstrapConfig, read_yaml_with_overrides(path, overrides, "bootstrap config"))
+    cfg = from_dict(BootstrapConfig, read_yaml_with_overrides(path, overrides, "bootstrap config"))
+    cfg.embed.check("embed")
+    return cfg

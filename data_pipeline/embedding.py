@@ -8,8 +8,9 @@ job produces). Loading the model costs seconds per actor, so one set of workers 
 free (``ray.util.ActorPool``); the actors read their inputs and write their outputs themselves, so
 only job descriptions and summaries travel through Ray.
 
-A rerun embeds only the jobs without a finished index file. ``OUT/model.json`` records the model:
-embeddings made by a different model are deleted before anything is reused. ``OUT/index.parquet``
+A rerun embeds only the jobs without a finished index file. ``OUT/model.json`` records the model (and
+the scorer variant, ``data_pipeline.scorer_variants``, unless exact): embeddings made by a different
+model or variant are deleted before anything is reused. ``OUT/index.parquet``
 (uid, key, shard, row, clip_score for every embedded sample; ``shard`` names the job's input file) is
 written last.
 """
@@ -37,16 +38,21 @@ MODEL_FILE = "model.json"
 class JobEmbedder:
     """One model worker (a Ray actor, or an object in this process): loads the model once, then embeds jobs."""
 
-    def __init__(self, spec: dict, batch_size: int, threads: int):
+    def __init__(self, spec: dict, batch_size: int, threads: int, variant: dict):
         import torch
-        from vlmtrain.errors import CheckpointError
+
+        from data_pipeline import scorer_variants
+        from vlmtrain.configlib import from_dict
+        from vlmtrain.errors import CheckpointError, ConfigError
 
         torch.set_num_threads(threads)
         self.batch_size = batch_size
         self.loaded, self.load_error = None, None
         try:
-            self.loaded = ModelSpec(**spec).load()
-        except CheckpointError as err:  # reported by embed(): Ray would bury it in an actor-died error
+            cfg = from_dict(EmbedConfig, variant, "embed")  # its precision and sparsify keys
+            cfg.check("embed")
+            self.loaded = scorer_variants.apply(ModelSpec(**spec).load(), cfg)
+        except (CheckpointError, ConfigError) as err:  # reported by embed(): Ray would bury it in an actor-died error
             self.load_error = str(err)
 
     def embed(self, job: str, out_dir: str) -> dict:
@@ -77,8 +83,7 @@ class EmbedWorkers:
     def run(self, jobs: list[EmbedJob], out: Path) -> Iterator[dict]:
         """Each job's summary as it finishes (in completion order)."""
         if not self.use_ray:
-            self.local = self.local or JobEmbedder(asdict(self.spec), self.cfg.batch_size,
-                                                   self.cfg.threads_per_worker)
+            self.local = self.local or JobEmbedder(*self._worker_args())
             for job in jobs:
                 yield self.local.embed(job.to_json(), str(out))
             return
@@ -94,8 +99,11 @@ class EmbedWorkers:
         self.started_ray = ensure_ray(self.cfg.num_cpus) or self.started_ray
         # Fractional CPUs: the actors share a small machine with the curation's own Ray tasks.
         remote = ray.remote(num_cpus=self.cfg.cpus_per_worker)(JobEmbedder)
-        args = (asdict(self.spec), self.cfg.batch_size, self.cfg.threads_per_worker)
-        self.actors += [remote.remote(*args) for _ in range(wanted - len(self.actors))]
+        self.actors += [remote.remote(*self._worker_args()) for _ in range(wanted - len(self.actors))]
+
+    def _worker_args(self) -> tuple:
+        variant = {"precision": self.cfg.precision, "sparsify": asdict(self.cfg.sparsify)}
+        return asdict(self.spec), self.cfg.batch_size, self.cfg.threads_per_worker, variant
 
     def close(self) -> None:
         if self.actors:
@@ -118,11 +126,12 @@ def embed_pool(jobs: list[str] | list[EmbedJob], out_dir: str | Path, spec: Mode
     model must be ``spec``); by default workers are started for this call and stopped after it."""
     if not jobs:
         raise EmbedError("the pool has nothing to embed (no shards or rows: an empty pool, nothing was kept upstream)")
-    if workers is not None and workers.spec != spec:
-        raise ValueError(f"embed_pool: the workers run {workers.spec.describe()}, not {spec.describe()}")
+    if workers is not None and (workers.spec, workers.cfg.variant()) != (spec, cfg.variant()):
+        raise ValueError(f"embed_pool: the workers run {workers.spec.describe()} {workers.cfg.variant()}, "
+                         f"not {spec.describe()} {cfg.variant()}")
     jobs = [job if isinstance(job, EmbedJob) else EmbedJob.shard(job) for job in jobs]
     out = Path(out_dir)
-    _reset_if_other_model(out, spec, log)
+    _reset_if_other_model(out, {**spec.describe(), **cfg.variant()}, log)
     pending = [job for job in jobs if not _finished(out, job)]
     if pending:
         own_workers = workers is None
@@ -157,12 +166,13 @@ def _finished(out: Path, job: EmbedJob) -> bool:
     return job.uids is None or set(pd.read_parquet(index, columns=["uid"])["uid"]) == set(job.uids)
 
 
-def _reset_if_other_model(out: Path, spec: ModelSpec, log: Callable[[str], None]) -> None:
+def _reset_if_other_model(out: Path, model: dict, log: Callable[[str], None]) -> None:
+    """``model``: the model's description and its scorer variant (none for the exact one)."""
     stamp = out / MODEL_FILE
-    if stamp.is_file() and json.loads(stamp.read_text()) != spec.describe():
+    if stamp.is_file() and json.loads(stamp.read_text()) != model:
         log(f"{out}: embeddings of another model found; starting over")
         for path in out.iterdir():
             if path.name != LOCK_FILE:  # the writer's lock stays: deleting it would let a second writer in
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(stamp, spec.describe())
+    atomic.write_json(stamp, model)
