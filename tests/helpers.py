@@ -130,8 +130,9 @@ def rewrite_captions_in_place(shard: Path, change) -> None:
 # ---------------------------------------------------------------- vlm-train runs
 
 
-def train_command(corpus: Path, out_dir: Path, ranks: int, *overrides: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "vlm-train"), "--config", "configs/train/demo.yaml",
+def train_command(corpus: Path, out_dir: Path, ranks: int, *overrides: str,
+                  config: str = "configs/train/demo.yaml") -> list[str]:
+    return [str(Path(sys.executable).parent / "vlm-train"), "--config", config,
             "--nproc-per-node", str(ranks), f"data.train_shards={corpus / 'train'}", f"output_dir={out_dir}",
             "metrics.tensorboard=false", "progress=false", *overrides]
 
