@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from vlmtrain.config import load_train_config
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.common.masking import patch_pixels
+from vlmtrain.models.flava import model as flava_model
 from vlmtrain.models.flava.loss import FlavaObjective
 from vlmtrain.models.registry import get_spec
 
@@ -74,6 +75,22 @@ def test_itm_labels_match_the_swaps():
         if expected_labels is not None:
             assert labels == expected_labels
         assert torch.equal(calls["fuse"][0][0], calls["visual"][0])  # every image fused with a text
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_hard_negatives_are_drawn_by_the_contrastive_logits(monkeypatch, hard):
+    """The shared ``itm_pairs`` (tested with the masking code) draws hard negatives from the similarity it
+    is given: here the contrastive logits of the batch, and nothing without the option."""
+    seen = []
+    real = flava_model.itm_pairs
+    monkeypatch.setattr(flava_model, "itm_pairs", lambda *args, **kw: seen.append(kw["similarity"]) or real(*args, **kw))
+    _, out, _, _ = run(tiny_cfg(itm_hard_negatives=hard), hand_batch())
+    if hard:
+        expected = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        torch.testing.assert_close(seen[0], expected)
+        assert not seen[0].requires_grad
+    else:
+        assert seen == [None]
 
 
 def test_mmm_fuses_only_positive_pairs():
@@ -212,3 +229,15 @@ def test_padding_is_hidden_from_the_text_and_fusion_encoders():
         image = model.visual(images, hidden=True)
         torch.testing.assert_close(model.fuse(image, padded, tokens)[:, :-1],
                                    model.fuse(image, trimmed, tokens[:, :-1]))
+
+
+def test_the_flop_count_runs_flava_on_the_meta_device():
+    """``example_inputs`` carry the loader's extras with fixed shapes, so the forward has no data-dependent
+    shapes; a FLAVA step costs more than a CLIP's with the same encoders (two views, fusion, heads)."""
+    from vlmtrain.metrics import count_flops_per_sample
+
+    cfg = tiny_cfg()
+    clip = get_spec("clip")
+    clip_cfg = clip.resolve({"embed_dim": 16, "vision": {"image_size": 16, "width": 16, "layers": 1},
+                             "text": {"context_length": CONTEXT, "width": 16, "layers": 1}})
+    assert count_flops_per_sample(SPEC, cfg) > 2 * count_flops_per_sample(clip, clip_cfg)

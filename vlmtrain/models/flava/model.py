@@ -145,9 +145,10 @@ class FLAVA(nn.Module):
         # Unmasked view: contrastive features and ITM.
         image_states = self.visual(images, hidden=True)
         text_states = self.text(tokens)
-        image_features = self.visual.proj(image_states[:, 0])
-        text_features = self.text_proj(text_states[:, 0])
-        text_index, itm_labels = self.itm_pairs(image_features.detach(), text_features.detach())
+        image_features = F.normalize(self.visual.proj(image_states[:, 0]), dim=-1)
+        text_features = F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
+        logit_scale = self.logit_scale.exp()
+        text_index, itm_labels = self.itm_pairs(logit_scale * image_features @ text_features.T)
         itm_logits = self.itm_head(self.fuse(image_states, text_states[text_index], tokens[text_index])[:, 0])
 
         # Masked view: MIM and MLM on the encoders, MMM on the fusion of positive pairs.
@@ -157,12 +158,12 @@ class FLAVA(nn.Module):
         masked_text_states = self.text(mlm_tokens)
         fused = self.fuse(masked_image_states, masked_text_states, mlm_tokens)
         image_at = mim_positions + 1  # after the image CLS
-        text_at = mlm_positions.clamp(min=0)
+        text_at = mlm_positions
         mim_target = take(patch_pixels(images, self.cfg.vision.patch_size), mim_positions)
         return {
-            "image_features": F.normalize(image_features, dim=-1),
-            "text_features": F.normalize(text_features, dim=-1),
-            "logit_scale": self.logit_scale.exp(),
+            "image_features": image_features,
+            "text_features": text_features,
+            "logit_scale": logit_scale,
             "mim_pred": self.mim_head(take(masked_image_states, image_at)),
             "mim_target": mim_target,
             "mlm_logits": self.mlm_head(take(masked_text_states, text_at)),
@@ -173,14 +174,13 @@ class FLAVA(nn.Module):
             "itm_labels": itm_labels,
         }
 
-    def itm_pairs(self, image_features: torch.Tensor, text_features: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def itm_pairs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which text each image is fused with for ITM, and whether it is its own (label 1): swapped
         with ``itm_negative_prob``, for a uniform other text or, with ``itm_hard_negatives``, one drawn
-        by the in-batch similarity of the contrastive features (ALBEF's hard negatives)."""
-        similarity = image_features @ text_features.T if self.cfg.itm_hard_negatives else None
-        partner, labels = itm_pairs(image_features.shape[0], self.cfg.itm_negative_prob, similarity=similarity)
-        return partner.to(image_features.device), labels.to(image_features.device)
+        with probability softmax over the image's contrastive ``logits`` [B, B] (ALBEF's hard negatives)."""
+        similarity = logits.detach() if self.cfg.itm_hard_negatives else None
+        partner, labels = itm_pairs(logits.shape[0], self.cfg.itm_negative_prob, similarity=similarity)
+        return partner.to(logits.device), labels.to(logits.device)
 
 
 # The trainer clamps the temperature within [1, 100] after every step and logs it as the loss sees it.
