@@ -103,7 +103,12 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
         images = torch.randn_like(inputs["images"])
         tokens = torch.randint(1, 49000, inputs["tokens"].shape)
         tokens[:, -1] = 49407  # an end-of-text token for the pooling
-        batch = Batch(images, tokens, [f"k{i}" for i in range(size)], 0)
+        extras = {}
+        if spec.sample_inputs:  # the family's per-sample inputs (masks…), made as the loader makes them
+            make = spec.sample_inputs(cfg.model)
+            samples = [make(image, caption) for image, caption in zip(images, tokens)]
+            extras = {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
+        batch = Batch(images, tokens, [f"k{i}" for i in range(size)], 0, extras)
         while True:
             yield batch
 

@@ -283,7 +283,9 @@ def main() -> None:
                                            config=build_deepspeed_config(cfg, dims, spec.tp_plan))
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     with torch.device(engine.device):
-        inputs = {k: (v.normal_().to(dtype) if v.is_floating_point() else v.random_(0, 1000))
+        # Random images and token ids; other integer or bool inputs (a family's masks and patch indices)
+        # as the family's example gives them: random values would not be valid indices.
+        inputs = {k: (v.normal_().to(dtype) if v.is_floating_point() else v.random_(0, 1000) if k == "tokens" else v)
                   for k, v in spec.example_inputs(cfg.model, cfg.data.batch_size).items()}
     if dims.pp > 1:
         result = {"rank": rank, "layout": {"zero": cfg.zero_stage, "dp": dims.dp, "tp": dims.tp, "pp": dims.pp},

@@ -31,7 +31,7 @@ from vlmtrain.distributed.tensor_parallel import check_deepspeed_groups
 from vlmtrain.errors import CheckpointError
 from vlmtrain.metrics import (MetricsLogger, StepLog, count_flops_per_sample, device_peak_tflops,
                               peak_memory_gb)
-from vlmtrain.models.registry import spec_of
+from vlmtrain.models.registry import load_model_config, spec_of
 from vlmtrain.models.spec import ModelSpec
 from vlmtrain.optim import GradientClipper, build_optimizer, build_scheduler
 from vlmtrain.rng import seed_model_rng
@@ -372,6 +372,8 @@ def check_resumable(sidecar: dict, cfg: TrainConfig, dims: ParallelDims, fingerp
     """An exact resume needs the same model, optimizer, seed, layout and data as the checkpoint; the
     layout changes allowed go through DeepSpeed's universal checkpoint (``universal.can_change_layout``)."""
     saved, now = sidecar["config"], to_dict(cfg)
+    # Model keys added since the checkpoint was written take their defaults there too.
+    saved = {**saved, "model": to_dict(load_model_config(saved["model"]))}
     changed = [key for key in RESUME_INVARIANTS if saved.get(key) != now[key]]
     for key in ("batch_size", "workers"):
         if saved["data"][key] != now["data"][key]:

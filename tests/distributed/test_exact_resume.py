@@ -4,7 +4,7 @@ per-step losses after the resume point, the same final weights, the same samples
 The kill lands at each point of the save sequence: while DeepSpeed writes into the staging area
 (timed by polling), and, through the fault-injection points of vlmtrain/failpoints.py, between the
 rename into place and the `latest` update, during `latest`'s update, and during pruning (under
-ZeRO-3). Random per-step computation (patch dropout, drop-path) is not covered: no model has it yet."""
+ZeRO-3). Random per-step computation (patch dropout, drop-path): test_model_randomness_resume.py."""
 import collections
 import sys
 from pathlib import Path

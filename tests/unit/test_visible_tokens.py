@@ -195,3 +195,41 @@ def test_micro_batch_seeds_differ_by_step_micro_batch_and_replica_and_replay():
     torch.rand(100)
     seed_model_rng(0, 7, 1, 2)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_clips_pipeline_layers_draw_the_patch_dropout_the_model_draws():
+    from vlmtrain.models.clip.parallelize import pipeline_layers
+
+    cfg = clip_config(vision={"patch_dropout": 0.5})
+    model = build_clip(cfg).train()
+    images = torch.randn(4, 3, 32, 32)
+    tokens = get_spec("clip").tokenizer(cfg)(["a red circle", "two dogs", "a cat", "7"])
+    torch.manual_seed(5)
+    expected = model(images, tokens)
+    torch.manual_seed(5)
+    x = (images, tokens)
+    for layer in pipeline_layers(model):
+        x = layer(x)
+    for name in expected:
+        assert torch.equal(x[name], expected[name]), name
+    torch.manual_seed(6)  # another draw, other patches: the dropout is live in the pipeline's layers
+    assert not torch.equal(model(images, tokens)["image_features"], expected["image_features"])
+
+
+def test_a_checkpoint_written_before_the_new_model_keys_still_resumes():
+    from vlmtrain.config import load_train_config
+    from vlmtrain.configlib import to_dict
+    from vlmtrain.distributed.parallel_dims import ParallelDims
+    from vlmtrain.engine import check_resumable
+    from vlmtrain.errors import CheckpointError
+
+    cfg = load_train_config("configs/train/demo.yaml", ["data.train_shards=unused"])
+    old = to_dict(cfg)
+    for tower in ("vision", "text"):  # as written before these keys existed
+        old["model"][tower].pop("drop_path")
+    old["model"]["vision"].pop("patch_dropout")
+    sidecar = {"config": old, "parallel": {"dp": 1, "tp": 1, "pp": 1}, "world_size": 1, "data_fingerprint": "f"}
+    check_resumable(sidecar, cfg, ParallelDims(1), "f")
+    old["model"]["vision"]["patch_dropout"] = 0.5
+    with pytest.raises(CheckpointError, match="model"):
+        check_resumable(sidecar, cfg, ParallelDims(1), "f")
