@@ -241,3 +241,13 @@ def test_the_flop_count_runs_flava_on_the_meta_device():
     clip_cfg = clip.resolve({"embed_dim": 16, "vision": {"image_size": 16, "width": 16, "layers": 1},
                              "text": {"context_length": CONTEXT, "width": 16, "layers": 1}})
     assert count_flops_per_sample(SPEC, cfg) > 2 * count_flops_per_sample(clip, clip_cfg)
+
+
+def test_patch_dropout_thins_only_the_unmasked_view():
+    """FLIP's patch dropout (half of the 4 patches) shortens the contrastive/ITM view; the masked view
+    keeps the whole grid, which MIM and MMM index by patch position."""
+    _, out, terms, calls = run(tiny_cfg(vision={"image_size": 16, "width": 16, "layers": 1, "patch_dropout": 0.5}),
+                               hand_batch())
+    assert calls["visual"][0].shape[1] == 1 + 2 and calls["visual"][1].shape[1] == 1 + 4
+    assert calls["fuse"][0][0].shape[1] == 1 + 2 and calls["fuse"][1][0].shape[1] == 1 + 4
+    assert all(torch.isfinite(value) for value in terms.values())

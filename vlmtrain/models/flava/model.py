@@ -55,7 +55,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
         self.ln_final = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
@@ -78,7 +78,7 @@ class ImageEncoder(VisionTower):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """The contrastive features [B, embed_dim], or with ``hidden`` the hidden states
         [B, 1 + patches, width] after ``ln_post``; ``mask`` [B, patches] marks the patches replaced."""
-        if mask is None:  # the common embedding (with FLIP's patch dropout in training, if configured)
+        if mask is None:  # the common embedding: FLIP's patch dropout, if configured, thins this view only
             x = self.embed(images)
         else:
             x = self.patch_embed(images).flatten(2).transpose(1, 2)
