@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from vlmtrain.config import load_train_config
 from vlmtrain.errors import ConfigError
-from vlmtrain.models.common.masking import patch_pixels
+from vlmtrain.models.common.masking import masked_count, patch_pixels
 from vlmtrain.models.flava import model as flava_model
 from vlmtrain.models.flava.loss import FlavaObjective
 from vlmtrain.models.registry import get_spec
@@ -251,3 +251,21 @@ def test_patch_dropout_thins_only_the_unmasked_view():
     assert calls["visual"][0].shape[1] == 1 + 2 and calls["visual"][1].shape[1] == 1 + 4
     assert calls["fuse"][0][0].shape[1] == 1 + 2 and calls["fuse"][1][0].shape[1] == 1 + 4
     assert all(torch.isfinite(value) for value in terms.values())
+
+
+def test_the_loader_masks_have_fixed_shapes_and_exact_counts():
+    """``sample_inputs``: 40% of the patches (6 of 16) and the BERT-masked caption with its masked
+    positions and original ids in fixed slots, the rest -100."""
+    cfg = SPEC.resolve({"preset": "flava_tiny"})
+    tokens = SPEC.tokenizer(cfg)(["a small red circle on the left of a dark textured background"])[0]
+    torch.manual_seed(1)
+    extras = SPEC.sample_inputs(cfg)(torch.zeros(3, 32, 32), tokens)
+    assert extras["mim_positions"].shape == (6,) and len(set(extras["mim_positions"].tolist())) == 6
+    positions, labels = extras["mlm_positions"], extras["mlm_labels"]
+    used = labels != -100
+    assert positions.shape == labels.shape == (5,)  # 15% of the 30 maskable places of a full context
+    maskable = int(((tokens != 0) & (tokens < 49406)).sum())
+    assert int(used.sum()) == max(1, masked_count(maskable, 0.15)) > 1
+    assert torch.equal(labels[used], tokens[positions[used]])
+    changed = (extras["mlm_tokens"] != tokens).nonzero().flatten()
+    assert set(changed.tolist()) <= set(positions[used].tolist())

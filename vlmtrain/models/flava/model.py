@@ -13,8 +13,10 @@ One training forward runs two views of each pair (as FLAVA does):
 
 Cost: each encoder runs twice and the fusion encoder twice per sample, so a step costs about twice
 a CLIP step with the same encoders plus two fusion passes (and the vocabulary-sized MLM/MMM heads,
-applied only at masked positions). The swapped (negative) ITM pairs are never fused masked: MMM
-only sees pairs that belong together.
+applied only at masked positions): by ``count_flops_per_sample``, ``flava_base`` costs 446 GFLOP per
+sample against 123 for CLIP ViT-B/16, and the demo's ``flava_tiny`` 7.5× the demo CLIP (its heads
+dominate at width 64). The swapped (negative) ITM pairs are never fused masked: MMM only sees pairs
+that belong together.
 
 Randomness in the forward (which texts are swapped for ITM) comes from torch's global generator,
 which the trainer seeds per step, micro-batch and data-parallel rank, so tensor-parallel peers draw
