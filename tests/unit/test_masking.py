@@ -1,6 +1,6 @@
 """Masks, the masking tokenizer, pixel targets and visible indices (vlmtrain/models/common/masking.py),
 checked against brute force and hand-worked answers; and that a sample's extras are a pure function
-of (seed, position) through the real loader."""
+of (seed, position) through the real loader and reach the forward as keyword arguments."""
 import itertools
 
 import numpy as np
@@ -199,3 +199,40 @@ def test_a_samples_masks_are_a_function_of_seed_and_position_through_the_loader(
     assert batch.extras["image_keep"].shape == (4, 8)
     masks = torch.cat([b.extras["image_mask"] for b in straight])
     assert len({tuple(m.tolist()) for m in masks}) == len(masks)  # each position its own mask
+
+
+class RecordingEngine(torch.nn.Module):
+    """The part of a DeepSpeed engine ``train_step`` uses, around a forward that records its inputs."""
+    device = torch.device("cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.seen = []
+
+    def forward(self, images, tokens, **extras):
+        self.seen.append({"images": images, "tokens": tokens, **extras})
+        return {"loss": self.weight * images.float().mean()}
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+
+def test_a_batchs_extras_reach_the_forward_as_keywords_floats_in_the_run_precision(shards):
+    from vlmtrain.step import train_step
+
+    batches, _ = extras(shards, 2)
+    for batch in batches:
+        batch.extras["target"] = torch.randn(4, 3)
+    engine = RecordingEngine()
+    draws = []
+    train_step(engine, iter(batches), lambda out: out, torch.bfloat16, 2,
+               seed_micro_batch=lambda micro: draws.append(micro))
+    assert draws == [0, 1]
+    for batch, seen in zip(batches, engine.seen):
+        assert seen["images"].dtype == seen["target"].dtype == torch.bfloat16
+        for name in ("image_mask", "image_keep", "text", "labels"):
+            assert seen[name].dtype == batch.extras[name].dtype and torch.equal(seen[name], batch.extras[name])

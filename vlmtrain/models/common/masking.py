@@ -72,11 +72,11 @@ def block_rectangles(grid_h: int, grid_w: int, num_masked: int, min_block: int =
     BEiT's ``MaskingGenerator``: propose a rectangle of area uniform in [min_block, remaining] and
     aspect log-uniform in [1/max_aspect, max_aspect] at a uniform place; keep it if it has at least
     ``min_block`` patches and masks between 1 and ``remaining`` new ones (overlaps allowed), up to 10
-    proposals per block. BEiT stops short of
-    the target when a round of 10 fails (typically once fewer than ``min_block`` patches remain); we top
-    up instead, with rectangles still: a 1-patch-high or -wide strip of exactly the remaining count of
-    unmasked patches, uniformly among all such strips, else the longest strip there is, repeated. So the
-    count is exact and every piece is a rectangle; only top-up strips may be smaller than ``min_block``.
+    proposals per block. BEiT stops short of the target when a round of 10 fails (typically once fewer
+    than ``min_block`` patches remain); we top up instead, with rectangles still: a 1-patch-high or -wide
+    strip of exactly the remaining count of unmasked patches, uniformly among all such strips, else the
+    longest strip there is, repeated. So the count is exact and every piece is a rectangle; only top-up
+    strips may be smaller than ``min_block``.
     """
     if not 0 <= num_masked <= grid_h * grid_w:
         raise ValueError(f"num_masked must be within [0, {grid_h * grid_w}] for a {grid_h}x{grid_w} grid, "

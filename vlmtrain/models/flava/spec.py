@@ -48,9 +48,9 @@ def example_inputs(cfg: FLAVAConfig, batch: int) -> dict[str, torch.Tensor]:
     size, context = cfg.vision.image_size, cfg.text.context_length
     return {"images": torch.zeros(batch, 3, size, size),
             "tokens": torch.zeros(batch, context, dtype=torch.long),
-            "mim_positions": torch.zeros(batch, cfg.mim_count(), dtype=torch.long),
+            "mim_positions": torch.arange(cfg.mim_count()).expand(batch, -1),
             "mlm_tokens": torch.zeros(batch, context, dtype=torch.long),
-            "mlm_positions": torch.zeros(batch, mlm_slots(cfg), dtype=torch.long),
+            "mlm_positions": torch.arange(mlm_slots(cfg)).expand(batch, -1),
             "mlm_labels": torch.zeros(batch, mlm_slots(cfg), dtype=torch.long)}
 
 
