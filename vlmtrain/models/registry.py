@@ -4,12 +4,14 @@ from __future__ import annotations
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.clip.config import migrate_legacy as migrate_legacy_clip
 from vlmtrain.models.clip.spec import SPEC as CLIP_SPEC
+from vlmtrain.models.flava.spec import SPEC as FLAVA_SPEC
 from vlmtrain.models.limoe.spec import SPEC as LIMOE_SPEC
 from vlmtrain.models.maskvlm.spec import SPEC as MASKVLM_SPEC
 from vlmtrain.models.spec import ModelSpec
 
 FAMILIES: dict[str, ModelSpec] = {
     "clip": CLIP_SPEC,
+    "flava": FLAVA_SPEC,
     "maskvlm": MASKVLM_SPEC,
     "limoe": LIMOE_SPEC,
 }
