@@ -41,11 +41,13 @@ def itm_pairs(batch_size: int, negative_probability: float, generator: torch.Gen
 
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the positions whose label is not -100 (logits [..., V], labels [...]);
-    0 (with a gradient path) when there are none, where ``F.cross_entropy`` would give NaN."""
-    logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-    if not bool((labels != IGNORE_INDEX).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    0 (with a gradient path) when there are none, where ``F.cross_entropy`` would give NaN. Summed and
+    divided rather than branched on the labels: the meta device (FLOP counts, ``vlm-train plan``) has
+    no values to branch on."""
+    logits, labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+    valid = labels != IGNORE_INDEX
+    per_token = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    return (per_token * valid).sum() / valid.sum().clamp(min=1)
 
 
 def masked_patch_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,

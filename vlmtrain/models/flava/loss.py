@@ -15,8 +15,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from vlmtrain.models.clip.loss import ClipLoss
-from vlmtrain.models.common.masking import IGNORE_INDEX
-from vlmtrain.models.common.objectives import masked_patch_loss
+from vlmtrain.models.common.objectives import masked_patch_loss, masked_token_loss
 from vlmtrain.models.flava.config import FLAVAConfig, LossWeights
 
 
@@ -31,9 +30,9 @@ class FlavaObjective(nn.Module):
         terms = {
             "contrastive": self.contrastive(out["image_features"], out["text_features"], out["logit_scale"]),
             "mim": patch_loss(out["mim_pred"], out["mim_target"]),
-            "mlm": token_loss(out["mlm_logits"], out["mlm_labels"]),
+            "mlm": masked_token_loss(out["mlm_logits"], out["mlm_labels"]),
             "mmm_image": patch_loss(out["mmm_image_pred"], out["mim_target"]),
-            "mmm_text": token_loss(out["mmm_text_logits"], out["mlm_labels"]),
+            "mmm_text": masked_token_loss(out["mmm_text_logits"], out["mlm_labels"]),
             "itm": F.cross_entropy(out["itm_logits"], out["itm_labels"]),
         }
         total = sum(getattr(self.weights, f.name) * terms[f.name] for f in fields(LossWeights))
@@ -45,12 +44,3 @@ def patch_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return masked_patch_loss(prediction, target, torch.ones(prediction.shape[:2], dtype=torch.bool,
                                                             device=prediction.device))
 
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``objectives.masked_token_loss`` (mean cross-entropy over labels != -100, 0 when there are none)
-    without its data-dependent branch, which the meta device of the FLOP count and ``vlm-train plan``
-    cannot run."""
-    logits, labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
-    valid = labels != IGNORE_INDEX
-    per_token = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-    return (per_token * valid).sum() / valid.sum().clamp(min=1)

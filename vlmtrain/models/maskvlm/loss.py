@@ -15,8 +15,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from vlmtrain.models.clip.loss import ClipLoss
-from vlmtrain.models.common.masking import IGNORE_INDEX
-from vlmtrain.models.common.objectives import masked_patch_loss
+from vlmtrain.models.common.objectives import masked_patch_loss, masked_token_loss
 from vlmtrain.models.maskvlm.config import MaskVLMConfig
 
 TERMS = ("itc", "itm", "mlm", "mim")
@@ -33,17 +32,8 @@ class MaskVLMObjective(nn.Module):
         terms = {
             "itc": self.itc(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()),
             "itm": F.cross_entropy(out["itm_logits"].float(), out["itm_labels"]),
-            "mlm": token_loss(out["mlm_logits"], out["mlm_labels"]),
+            "mlm": masked_token_loss(out["mlm_logits"], out["mlm_labels"]),
             "mim": masked_patch_loss(out["mim_pred"], out["mim_target"], out["mim_mask"], self.mim_loss),
         }
         return {"loss": sum(self.weights[name] * value for name, value in terms.items()), **terms}
 
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the labelled positions (0 when there are none). ``objectives.masked_token_loss``
-    decides that case with a data-dependent branch, which the meta device (FLOP counts, ``vlm-train plan``)
-    cannot run; this sums and divides instead."""
-    valid = (labels != IGNORE_INDEX).reshape(-1).float()
-    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).clamp(min=0),
-                                reduction="none")
-    return (per_token * valid).sum() / valid.sum().clamp(min=1)
