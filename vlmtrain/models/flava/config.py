@@ -11,7 +11,6 @@ from vlmtrain.models.common.text import TextConfig
 from vlmtrain.models.common.vision import VisionConfig, check_heads
 
 
-
 @dataclass
 class FusionConfig:
     """The multimodal encoder: self-attention over [fusion CLS; image tokens; text tokens]."""

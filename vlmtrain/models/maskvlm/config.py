@@ -15,8 +15,6 @@ from vlmtrain.models.common.masking import MASK_VOCAB_SIZE, masked_count
 from vlmtrain.models.common.text import TextConfig
 from vlmtrain.models.common.vision import VisionConfig, check_heads
 
-VOCAB_WITH_MASK = MASK_VOCAB_SIZE  # open_clip's BPE vocabulary plus one [MASK] id (models/common/masking.py)
-
 
 @dataclass
 class DecoderConfig:
@@ -47,7 +45,7 @@ class MaskVLMConfig:
     preset: str = "maskvlm_tiny"
     embed_dim: int = field(default=64, metadata=at_least(1))
     vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=VOCAB_WITH_MASK))
+    text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=MASK_VOCAB_SIZE))
     text_decoder: DecoderConfig = field(default_factory=DecoderConfig)
     image_decoder: DecoderConfig = field(default_factory=DecoderConfig)
     mlm_ratio: float = field(default=0.3, metadata=between(0.0, 1.0))
@@ -66,9 +64,9 @@ class MaskVLMConfig:
         if self.text_decoder.width != self.text.width:
             raise ConfigError(f"{prefix}.text_decoder.width={self.text_decoder.width} must equal "
                               f"{prefix}.text.width={self.text.width} (the decoder continues the text stream)")
-        if self.text.vocab_size < VOCAB_WITH_MASK:
+        if self.text.vocab_size < MASK_VOCAB_SIZE:
             raise ConfigError(f"{prefix}.text.vocab_size={self.text.vocab_size} has no [MASK] id: it must be "
-                              f">= {VOCAB_WITH_MASK} (open_clip's vocabulary plus one)")
+                              f">= {MASK_VOCAB_SIZE} (open_clip's vocabulary plus one)")
         grid, side = self.vision.image_size // self.vision.patch_size, self.mim_block_patches
         if grid % side:
             raise ConfigError(f"{prefix}.mim_block_px={self.mim_block_px} gives blocks of {side} patches, which do "
@@ -104,7 +102,7 @@ PRESETS: dict[str, dict] = {
     "maskvlm_tiny": {
         "embed_dim": 64,
         "vision": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
-        "text": {"context_length": 32, "vocab_size": VOCAB_WITH_MASK, "width": 64, "layers": 2, "heads": 2},
+        "text": {"context_length": 32, "vocab_size": MASK_VOCAB_SIZE, "width": 64, "layers": 2, "heads": 2},
         "text_decoder": {"width": 64, "layers": 1, "heads": 2},
         "image_decoder": {"width": 32, "layers": 1, "heads": 2},
     },
@@ -114,7 +112,7 @@ PRESETS: dict[str, dict] = {
     "maskvlm_base": {
         "embed_dim": 256,
         "vision": {"image_size": 224, "patch_size": 16, "width": 768, "layers": 12, "heads": 12},
-        "text": {"context_length": 77, "vocab_size": VOCAB_WITH_MASK, "width": 768, "layers": 6, "heads": 12},
+        "text": {"context_length": 77, "vocab_size": MASK_VOCAB_SIZE, "width": 768, "layers": 6, "heads": 12},
         "text_decoder": {"width": 768, "layers": 6, "heads": 12},
         "image_decoder": {"width": 512, "layers": 4, "heads": 16},
     },
