@@ -52,20 +52,16 @@ def write(parts_dir: Path, part_id: str, scored: pd.DataFrame) -> None:
 
 
 def gather(parts_dir: Path, part_ids: list[str], part: np.ndarray, row: np.ndarray,
-           field: str) -> np.ndarray:
-    """``field`` of the records at (part index, row in part) pairs, in that order; each part's file
-    is mapped only while its rows are copied out, so what a task keeps is what it asked for."""
-    out = None
+           field: str | None = None) -> np.ndarray:
+    """The records (or their ``field``) at (part index, row in part) pairs, in that order; each part's
+    file is mapped only while its rows are copied out, so what a task keeps is what it asked for."""
+    dtype = RECORD if field is None else RECORD[field]
+    out = np.empty((len(part), *dtype.shape), dtype.base)
     for index in np.unique(part):
         where = np.flatnonzero(part == index)
         mapped = np.load(path_of(parts_dir, part_ids[index]), mmap_mode="r")
-        values = np.asarray(mapped[field][row[where]])
-        if out is None:
-            out = np.empty((len(part), *values.shape[1:]), values.dtype)
-        out[where] = values
+        out[where] = mapped[row[where]] if field is None else mapped[field][row[where]]
         del mapped
-    if out is None:
-        return np.zeros((0, *RECORD[field].shape), RECORD[field].base)
     return out
 
 
