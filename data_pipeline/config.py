@@ -89,7 +89,7 @@ class DedupConfig:
     # Candidate search (data_pipeline/stages/near_candidates.py): k-means cells of about `cell_rows`
     # rows; a row's `neighbours` nearest are searched in the `probes` cells nearest its own.
     cell_rows: int = field(default=512, metadata={"min": 1})
-    probes: int = field(default=8, metadata={"min": 1})
+    probes: int = field(default=12, metadata={"min": 1})
 
 
 @dataclass

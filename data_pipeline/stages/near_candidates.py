@@ -33,7 +33,7 @@ _KMEANS_POINTS_PER_CELL = 40
 @dataclass(frozen=True)
 class CellSearch:
     cell_rows: int = 512  # average rows per k-means cell
-    probes: int = 8  # cells each cell's rows are compared with (the nearest by centre, itself first)
+    probes: int = 12  # cells each cell's rows are compared with (the nearest by centre, itself first)
     seed: int = 0
 
 
