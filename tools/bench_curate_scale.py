@@ -49,12 +49,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output_dir of the run (replaced)")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--keep", action="store_true", help="keep the output directory afterwards")
+    parser.add_argument("--no-ray", action="store_true", help="the plain executor: everything in the driver process")
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for the curate config")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     command = [sys.executable, "-m", "data_pipeline.cli", "run", str(REPO / "configs" / "curate" / "demo.yaml"),
                f"output_dir={args.out}", f"sources=[{{format: webdataset, path: '{args.pool}'}}]", "progress=false",
-               *args.overrides]
+               *args.overrides, *(["--no-ray"] if args.no_ray else [])]
     load_before = os.getloadavg()
     started = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -70,7 +71,7 @@ def main() -> None:
         sys.exit(f"vlm-curate failed ({child.returncode}):\n{output}")
     manifest = json.loads((args.out / "manifest.json").read_text())
     rows = manifest["funnel"]["rows"]
-    result = {"rows": rows["read"], "kept": rows["kept"], "near_dedup_removed": rows["exact_dedup"] - rows["near_dedup"],
+    result = {"executor": "plain" if args.no_ray else "ray", "rows": rows["read"], "kept": rows["kept"], "near_dedup_removed": rows["exact_dedup"] - rows["near_dedup"],
               "wall_s": round(wall, 1), "rows_per_s": round(rows["read"] / wall, 1),
               "ms_per_row": round(1000 * wall / rows["read"], 3),
               "peak_rss_driver_mib": round(peak_driver / 2**20), "peak_rss_all_mib": round(peak_all / 2**20),
