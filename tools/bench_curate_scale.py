@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,7 @@ def main() -> None:
                f"output_dir={args.out}", f"sources=[{{format: webdataset, path: '{args.pool}'}}]", "progress=false",
                *args.overrides, *(["--no-ray"] if args.no_ray else [])]
     load_before = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     driver = psutil.Process(child.pid)
@@ -66,6 +68,10 @@ def main() -> None:
         peak_driver, peak_all = max(peak_driver, own), max(peak_all, total)
         time.sleep(args.interval)
     wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the run's processes that have been waited for (all of a plain run; the driver, not
+    # Ray's daemons, in a Ray run): unlike wall time, hardly changed by other jobs on the cores.
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     output = child.stdout.read()
     if child.returncode != 0:
         sys.exit(f"vlm-curate failed ({child.returncode}):\n{output}")
@@ -73,11 +79,12 @@ def main() -> None:
     rows = manifest["funnel"]["rows"]
     result = {"executor": "plain" if args.no_ray else "ray", "rows": rows["read"], "kept": rows["kept"], "near_dedup_removed": rows["exact_dedup"] - rows["near_dedup"],
               "wall_s": round(wall, 1), "rows_per_s": round(rows["read"] / wall, 1),
-              "ms_per_row": round(1000 * wall / rows["read"], 3),
+              "ms_per_row": round(1000 * wall / rows["read"], 3), "cpu_s": round(cpu, 1),
+              "cpu_ms_per_row": round(1000 * cpu / rows["read"], 3),
               "peak_rss_driver_mib": round(peak_driver / 2**20), "peak_rss_all_mib": round(peak_all / 2**20),
               "load_before": [round(v, 2) for v in load_before],
               "load_after": [round(v, 2) for v in os.getloadavg()], "cores": os.cpu_count()}
-    print(output.strip().splitlines()[-1])
+    print("\n".join(line for line in output.splitlines() if line.startswith(("dedup:", "write:"))))
     print(json.dumps(result))
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
