@@ -29,7 +29,7 @@ from data_pipeline.stages.decode import THUMBNAIL_SIDE
 from data_pipeline.stages.near_candidates import CellSearch, candidate_pairs, grid_codes
 from data_pipeline.stages.near_duplicates import Fingerprints, NearDuplicateSearch, grid, serial_map, verify
 
-VERIFY_PAIRS = 16384  # candidate pairs per verification task: bounds what one task reads (≈ 2 × 5 kB a pair)
+VERIFY_PAIRS = 4096  # candidate pairs per verification task: bounds what one task holds (≈ 2 × 17 kB a pair)
 
 
 @dataclass
