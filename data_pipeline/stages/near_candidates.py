@@ -131,10 +131,6 @@ def brute_force_neighbours(codes: np.ndarray, k: int) -> np.ndarray:
         for s in range(0, len(codes), _QUERY_BLOCK)]), axis=0)
 
 
-def _plan(codes: np.ndarray, search: CellSearch) -> Cells:
-    return plan_cells(codes, search)
-
-
 def _join(shared: tuple[np.ndarray, Cells], cell_ids: np.ndarray, k: int) -> np.ndarray:
     codes, cells = shared
     return cell_neighbours(codes, cells, cell_ids, k)
@@ -145,7 +141,7 @@ def candidate_pairs(codes: np.ndarray, k: int, search: CellSearch, map_shared: C
     through ``map_shared`` (the executor's: Ray tasks, or a loop)."""
     if len(codes) < 2:
         return np.zeros((0, 2), np.int64)
-    (cells,) = map_shared(_plan, codes, [(search,)])
+    (cells,) = map_shared(plan_cells, codes, [(search,)])
     order = np.arange(len(cells.starts) - 1)
     pieces = map_shared(_join, (codes, cells), [(part, k) for part in np.array_split(order, chunks) if len(part)])
     return np.unique(np.concatenate(pieces), axis=0)
