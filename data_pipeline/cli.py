@@ -31,7 +31,8 @@ outputs under output_dir:
   shards/shard-NNNNNN.tar   webdataset samples (jpg/png/webp, txt, json) ready for vlm-train
   decisions.parquet         one row per sample read: uid, sha256, source, scores, flags, kept, reason
   manifest.json             rows per stage, rejections per reason, shard list with sha256, config
-  .work/                    per-input-file scored parts, duplicates, embeddings (what a rerun reuses)
+  .work/                    per-input-file scored parts and their fingerprint files, duplicates, shard
+                            plans, embeddings (what a rerun reuses)
 
 examples:
   vlm-curate run configs/curate/demo.yaml output_dir=curated 'sources=[{format: webdataset, path: data/train}]'

@@ -86,11 +86,18 @@ class DedupConfig:
     coarse_residual: float = field(default=9.0, metadata={"min": 0.0})
     max_residual: float = field(default=3.5, metadata={"min": 0.0})
     max_content_distance: float = field(default=0.7, metadata={"min": 0.0})
+    # Candidate search (data_pipeline/stages/near_candidates.py): k-means cells of about `cell_rows`
+    # rows; a row's `neighbours` nearest are searched in the `probes` cells nearest its own.
+    cell_rows: int = field(default=512, metadata={"min": 1})
+    probes: int = field(default=12, metadata={"min": 1})
 
 
 @dataclass
 class OutputConfig:
     samples_per_shard: int = field(default=1000, metadata={"min": 1})
+    # Rows the driver reads, decides and writes at a time (row groups of the parts and of
+    # decisions.parquet): without embedding stages its memory is bounded by this, not by the pool.
+    stream_rows: int = field(default=65536, metadata={"min": 1})
 
 
 @dataclass

@@ -4,16 +4,19 @@ Four steps, each resumable, all under ``output_dir``:
   score   every input file ("part") is read, decoded/validated, filtered by the heuristics and
           hashed by Ray Data actors; each part lands in ``.work/parts/<part>.parquet``, written
           atomically, so a rerun scores only the parts that are missing.
-  dedup   exact and near-duplicate search over the small columns (sha256, 32×32 thumbnails) of all
-          parts (dedup is global: every row must meet every other): candidate pairs on the driver,
-          their verification split over Ray tasks → ``.work/duplicates.parquet``.
+  dedup   exact and near-duplicate search over compact columns of all parts (dedup is global: every
+          row must meet every other; ``stages.dedup``): the driver streams the parts' small columns,
+          the candidate search and the verification of candidate pairs (which reads thumbnails and
+          content signatures from the parts' fingerprint files) run as Ray tasks
+          → ``.work/duplicates.parquet``.
   embed   only with an ``embedding`` section naming a model: CLIP embeddings of the rows still kept
           (and of the eval/seed sets the stages need) on Ray actors → ``.work/embeddings/``
           (``data_pipeline.embed_step``; finished jobs are reused).
   write   selection (the only step that drops rows: ``select.decide``, then the enabled embedding
           stages of ``select_embeddings``) → ``decisions.parquet``, webdataset shards in
           ``shards/`` (written by Ray tasks, each atomically; existing ones are kept) and
-          ``manifest.json``.
+          ``manifest.json``. Without embedding stages the parts are decided ``output.stream_rows``
+          rows at a time (``write_stream``): the driver's memory does not grow with the pool.
 A rerun after a kill produces byte-identical outputs: every step is a pure function of its inputs,
 the row order is the input order, and nothing records wall-clock time.
 """
@@ -29,21 +32,23 @@ from functools import reduce
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_pipeline import embed_step, inputs
+from data_pipeline import embed_step, fingerprints, inputs
 from data_pipeline.config import CurateConfig, to_dict
 from data_pipeline.ray_runtime import ensure_ray
-from data_pipeline.select import decide, eligible_for_dedup, funnel
+from data_pipeline.select import decide, eligible_for_dedup, funnel_of
 from data_pipeline.registry import row_reason, row_stages, run_stages
 from data_pipeline.select_embeddings import select_by_embeddings
-from data_pipeline.shards import ShardPlan, file_sha256, plan_shards, write_shard
+from data_pipeline.shards import ShardPlan, file_sha256, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
-from data_pipeline.stages.dedup import find_duplicates
+from data_pipeline.stages.dedup import Compact, OnDisk, compact, duplicates_of
 from data_pipeline.stages.near_duplicates import serial_map
+from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plans
 from vlmtrain import atomic
 from vlmtrain.errors import UserError
 from vlmtrain.runlock import RunLock
@@ -52,8 +57,10 @@ STEPS = ("score", "dedup", "embed", "write")
 # Raw bytes the later steps never need: a 1 MB caption must not travel further than the decoder.
 _DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
 _METADATA_EXCLUDED = {"image", "image_out", "thumbnail", "signature"}
-_DEDUP_COLUMNS = {"thumbnail", "signature"}
-STAMP_VERSION = 2  # .work/fingerprint.json: version 1 compared names and sizes only
+_DEDUP_COLUMNS = ["uid", "sha256", "caption", "width", "height", "file_bytes"]
+# .work/fingerprint.json: version 1 compared names and sizes only; version 2 parts have no fingerprint files
+STAMP_VERSION = 3
+_SHARD_PLANS_PER_TASK_BATCH = 256
 
 
 class PipelineError(UserError):
@@ -76,8 +83,10 @@ def score_part(part: Part, cfg: CurateConfig, functions: list[Callable[[pd.DataF
                for start in range(0, max(len(raw), 1), cfg.batch_rows)]
     scored = pd.concat(batches, ignore_index=True).drop(columns=_DROPPED_AFTER_SCORING)
     scored.insert(0, "part_id", part.part_id)
+    fingerprints.write(parts_dir, part.part_id, scored)  # before the parquet: a part that exists is complete
     with atomic.replacing(parts_dir / f"{part.part_id}.parquet") as tmp:
-        pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
+        pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp,
+                       row_group_size=cfg.output.stream_rows)
     reasons = row_reason(scored).dropna()
     return {"part_id": part.part_id, "rows": len(scored), "rejected": dict(Counter(reasons))}
 
@@ -207,20 +216,40 @@ class Run:
     def missing_parts(self) -> list[Part]:
         return [p for p in self.parts if not (self.parts_dir / f"{p.part_id}.parquet").is_file()]
 
-    def scored_rows(self, with_thumbnails: bool = False) -> pd.DataFrame:
-        """Every scored row without image bytes (with the thumbnails and content signatures when asked,
-        for dedup)."""
+    def check_scored(self) -> None:
         missing = self.missing_parts()
         if missing:
             raise PipelineError(f"{len(missing)} part(s) are not scored yet (first: {missing[0].path}); "
                                 f"run `vlm-curate score` or `vlm-curate run` first")
-        frames = []
-        for part in self.parts:
-            path = self.parts_dir / f"{part.part_id}.parquet"
-            columns = [c for c in pq.read_schema(path).names
-                       if c not in _METADATA_EXCLUDED or (with_thumbnails and c in _DEDUP_COLUMNS)]
-            frames.append(pq.read_table(path, columns=columns).to_pandas())
-        return pd.concat(frames, ignore_index=True)
+
+    def scored_batches(self, columns: list[str] | None = None) -> Iterator[tuple[int, int, pd.DataFrame]]:
+        """(part index, first row in the part, rows) of every scored part, ``output.stream_rows`` rows at a
+        time, in input order; ``columns``: those (default: all but image bytes, thumbnails, signatures)."""
+        self.check_scored()
+        for index, part in enumerate(self.parts):
+            scored = pq.ParquetFile(self.parts_dir / f"{part.part_id}.parquet")
+            wanted = columns or [c for c in scored.schema_arrow.names if c not in _METADATA_EXCLUDED]
+            if scored.metadata.num_rows == 0:
+                yield index, 0, scored.schema_arrow.empty_table().select(wanted).to_pandas()
+            start = 0
+            for batch in scored.iter_batches(batch_size=self.cfg.output.stream_rows, columns=wanted):
+                rows = batch.to_pandas()
+                yield index, start, rows
+                start += len(rows)
+
+    def dedup_inputs(self) -> tuple[Compact, OnDisk]:
+        """The eligible rows' compact columns, and where their fingerprints are."""
+        columns = _DEDUP_COLUMNS + [stage.reason_column for stage in row_stages()]
+        pieces, part, row = [], [], []
+        for index, start, rows in self.scored_batches(columns):
+            eligible = np.flatnonzero(eligible_for_dedup(rows).to_numpy())
+            codes = fingerprints.gather(self.parts_dir, [p.part_id for p in self.parts],
+                                        np.full(len(eligible), index), start + eligible, "code")
+            pieces.append(compact(rows.iloc[eligible], codes))
+            part.append(np.full(len(eligible), index, np.int32))
+            row.append((start + eligible).astype(np.int32))
+        return Compact.concat(pieces), OnDisk(str(self.parts_dir), [p.part_id for p in self.parts],
+                                              np.concatenate(part), np.concatenate(row))
 
 
 def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None = None,
@@ -256,23 +285,22 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
                 _score(executor_started(), pending, state, cfg.progress)
             log(f"score: {len(state.parts)} part(s) scored ({len(state.parts) - len(pending)} from an earlier run)")
         if "dedup" in steps:
-            rows = state.scored_rows(with_thumbnails=True)
-            # Chunks for every worker to verify near-duplicate candidates in parallel (one in a plain run).
+            table, source = state.dedup_inputs()
+            # Tasks for every worker to search and verify in parallel (one in a plain run).
             chunks = 2 * cfg.ray.workers if use_ray else 1
-            duplicates = find_duplicates(rows[eligible_for_dedup(rows)], cfg.dedup, executor_started().map_shared,
-                                         chunks)
+            duplicates = duplicates_of(table, source, cfg.dedup, executor_started().map_shared, chunks)
             _write_parquet(duplicates, state.duplicates)
-            log(f"dedup: {len(duplicates)} duplicate(s) among {int(eligible_for_dedup(rows).sum())} eligible rows")
+            log(f"dedup: {len(duplicates)} duplicate(s) among {len(table)} eligible rows")
+            del table, source
         if "embed" not in steps and "write" not in steps:
             return None
         if not state.duplicates.is_file():
             raise PipelineError("deduplication has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
-        if "dedup" not in steps:
-            rows = state.scored_rows()
-        decisions = decide(rows, pd.read_parquet(state.duplicates))
+        duplicates = pd.read_parquet(state.duplicates).set_index("uid")
         plan = None
         if cfg.embedding.model.is_set():
-            candidates = rows.loc[decisions["kept"].to_numpy(), ["part_id", "uid"]]
+            candidates = pd.DataFrame([(part_id, uid) for part_id, frame in _decided(state, duplicates)
+                                       for uid in frame["uid"][frame["kept"]]], columns=["part_id", "uid"])
             plan = embed_step.plan(cfg, candidates, state.parts_dir, state.work)
             if plan.pool is None:
                 log("embed: no rows left after heuristics and dedup; the embed step and the embedding stages "
@@ -284,39 +312,57 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
         if "write" not in steps:
             return None
         embedding = None  # the embedding stages count in the funnel only when they ran
+        pieces = _decided(state, duplicates)
         if plan is not None and plan.pool is not None:
-            decisions = _select_by_embeddings(decisions, plan, cfg, log)
+            pieces = _selected_by_embeddings(list(pieces), plan, cfg, log)
             embedding = cfg.embedding
-        kept = rows.loc[decisions["kept"].to_numpy(), ["part_id", "uid"]]
-        plans = plan_shards(kept, cfg.output.samples_per_shard)
-        _reset_shards_if_replanned(state, plans)
-        infos = executor_started().write_shards(plans, state.parts_dir, state.shards_dir) if plans else []
-        _write_parquet(decisions, state.decisions)
+        plans_file = state.work / "shard_plans.jsonl"
+        with DecisionsFile(state.decisions) as decisions, \
+                ShardPlanner(plans_file, cfg.output.samples_per_shard) as planner:
+            for part_id, frame in pieces:
+                decisions.write(frame)
+                planner.add(part_id, list(frame["uid"][frame["kept"].to_numpy()]))
+        _reset_shards_if_replanned(state, planner.digest)
+        infos = [info for batch in read_plans(plans_file, _SHARD_PLANS_PER_TASK_BATCH)
+                 for info in executor_started().write_shards(batch, state.parts_dir, state.shards_dir)]
         manifest = {
-            "funnel": funnel(decisions, run_stages(embedding)),
+            "funnel": funnel_of(decisions.counts, run_stages(embedding)),
             "shards": infos,
             "decisions": {"path": state.decisions.name, "sha256": file_sha256(state.decisions)},
             "inputs": [{k: entry[k] for k in ("path", "size", "sha256")} for entry in state.inputs],
             "config": to_dict(cfg),
         }
         atomic.write_json(state.manifest, manifest)
-        log(f"write: {manifest['funnel']['rows']['kept']} of {len(decisions)} rows kept in {len(infos)} "
-            f"shard(s) under {state.shards_dir} ({time.perf_counter() - started:.1f} s)")
+        log(f"write: {manifest['funnel']['rows']['kept']} of {manifest['funnel']['rows']['read']} rows kept in "
+            f"{len(infos)} shard(s) under {state.shards_dir} ({time.perf_counter() - started:.1f} s)")
         return manifest
     finally:
         if executor is not None:
             executor.close()
 
 
-def _select_by_embeddings(decisions: pd.DataFrame, plan: embed_step.EmbedPlan, cfg: CurateConfig,
-                          log: Callable[[str], None]) -> pd.DataFrame:
+def _decided(state: Run, duplicates: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(part id, decisions) of every scored batch, in input order; ``duplicates``: indexed by uid."""
+    for index, _, rows in state.scored_batches():
+        found = duplicates.reindex(rows["uid"]).dropna(how="all").reset_index()
+        yield state.parts[index].part_id, decide(rows, found)
+
+
+def _selected_by_embeddings(pieces: list[tuple[str, pd.DataFrame]], plan: embed_step.EmbedPlan, cfg: CurateConfig,
+                            log: Callable[[str], None]) -> Iterator[tuple[str, pd.DataFrame]]:
+    """The embedding stages work on the whole pool at once; their decisions go out in the same pieces."""
     try:
         pool = embed_step.load(plan.pool)
         eval_sets = embed_step.load_references(plan.eval_sets)
         seed_sets = [embed_step.load(s, reference=True) for s in plan.seed_sets]
     except embed_step.EmbeddingsMissing as err:
         raise PipelineError(str(err)) from None
-    return select_by_embeddings(decisions, pool, eval_sets, seed_sets, cfg.embedding, log)
+    whole = pd.concat([frame for _, frame in pieces], ignore_index=True)
+    selected = select_by_embeddings(whole, pool, eval_sets, seed_sets, cfg.embedding, log)
+    start = 0
+    for part_id, frame in pieces:
+        yield part_id, selected.iloc[start:start + len(frame)].reset_index(drop=True)
+        start += len(frame)
 
 
 def _score(executor, pending: list[Part], state: Run, progress: bool) -> None:
@@ -329,17 +375,16 @@ def _score(executor, pending: list[Part], state: Run, progress: bool) -> None:
             bar.set_postfix_str(f"parts {done}/{len(pending)}, rejected {sum(rejected.values())} ({top})")
 
 
-def _reset_shards_if_replanned(state: Run, plans: list[ShardPlan]) -> None:
-    """Existing shards are reused only if they were written for exactly this plan."""
+def _reset_shards_if_replanned(state: Run, digest: str) -> None:
+    """Existing shards are reused only if they were written for exactly this plan (its digest)."""
     plan_file = state.shards_dir / ".plan.json"
-    plan = [asdict(p) for p in plans]
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
+    if plan_file.is_file() and json.loads(plan_file.read_text()) != {"sha256": digest}:
         shutil.rmtree(state.shards_dir)
     state.shards_dir.mkdir(parents=True, exist_ok=True)
     if not plan_file.is_file():
         for stale in state.shards_dir.glob("*.tar*"):
             stale.unlink()
-        atomic.write_json(plan_file, plan)
+        atomic.write_json(plan_file, {"sha256": digest})
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:

@@ -7,6 +7,7 @@ decisions.parquet has one row per row read, so kept + rejected = read.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
 import pandas as pd
@@ -37,22 +38,35 @@ def decide(rows: pd.DataFrame, duplicates: pd.DataFrame) -> pd.DataFrame:
     return table[DECISION_COLUMNS]
 
 
+def tally(decisions: pd.DataFrame) -> Counter:
+    """What the funnel counts in a piece of the decisions; the tallies of pieces add up (``+``)."""
+    counts = Counter({"read": len(decisions), "kept": int(decisions["kept"].sum())})
+    counts.update({("reason", k): int(v) for k, v in decisions["reason"].value_counts().items()})
+    counts.update({("flag", rule): int(decisions[f"flag_{rule}"].sum()) for rule in RULES})
+    return counts
+
+
 def funnel(decisions: pd.DataFrame, stages: Sequence[Stage] | None = None) -> dict:
     """Rows left after each stage, and how many rows each reason rejected (they add up).
 
     ``stages``: the run's stages in order (``registry.run_stages``; default: those without embeddings)."""
+    return funnel_of(tally(decisions), stages)
+
+
+def funnel_of(counts: Counter, stages: Sequence[Stage] | None = None) -> dict:
+    """``funnel`` from the summed tallies of the decisions' pieces."""
     stages = run_stages() if stages is None else stages
-    reasons = decisions["reason"]
-    declared = [reason for s in stages for reason in s.reasons]
-    left = len(decisions)
+    reasons = {key[1]: n for key, n in counts.items() if isinstance(key, tuple) and key[0] == "reason" and n}
+    declared = {reason for s in stages for reason in s.reasons}
+    left = counts["read"]
     after = {"read": left}
     for stage in stages:
-        rejected = reasons.isin(stage.reasons) if stage.reasons else reasons.notna() & ~reasons.isin(declared)
-        left -= int(rejected.sum())
+        left -= sum(n for reason, n in reasons.items()
+                    if (reason in stage.reasons if stage.reasons else reason not in declared))
         after[stage.name] = left
     return {
-        "rows": {**after, "kept": int(decisions["kept"].sum())},
-        "rejected_by_reason": {k: int(v) for k, v in reasons.value_counts().sort_index().items()},
+        "rows": {**after, "kept": counts["kept"]},
+        "rejected_by_reason": dict(sorted(reasons.items())),
         # Each rule's own verdict, also on rows an earlier rule already rejected.
-        "flagged_by_rule": {rule: int(decisions[f"flag_{rule}"].sum()) for rule in RULES},
+        "flagged_by_rule": {rule: counts[("flag", rule)] for rule in RULES},
     }

@@ -1,7 +1,7 @@
 """Webdataset shard writer, reader of finished shards, and run manifest.
 
-Shards are planned on the driver (kept rows in read order, ``samples_per_shard`` each) and written
-independently, each to a temporary name and then renamed, so a shard file that exists is complete.
+Shards are planned as the kept rows stream by (``write_stream.ShardPlanner``: kept rows in read order,
+``samples_per_shard`` each) and written independently, each to a temporary name and then renamed, so a shard file that exists is complete.
 Tars use mtime 0 and fixed ownership: the same rows give byte-identical shards.
 """
 from __future__ import annotations
@@ -44,16 +44,6 @@ def read_shard_members(path: str) -> Iterator[tuple[str, list[tuple[tarfile.TarI
 class ShardPlan:
     name: str
     members: dict[str, list[str]]  # part_id → uids, in order
-
-
-def plan_shards(kept: pd.DataFrame, per_shard: int) -> list[ShardPlan]:
-    """kept: part_id and uid of the kept rows, already in output order."""
-    plans = []
-    for number, start in enumerate(range(0, len(kept), per_shard)):
-        chunk = kept.iloc[start:start + per_shard]
-        members = {part: list(group["uid"]) for part, group in chunk.groupby("part_id", sort=False)}
-        plans.append(ShardPlan(f"shard-{number:06d}.tar", members))
-    return plans
 
 
 def write_shard(plan: ShardPlan, parts_dir: Path, out_dir: Path) -> dict:

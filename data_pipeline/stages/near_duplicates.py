@@ -3,8 +3,9 @@
 A global perceptual hash of a crop differs from its source as much as a natural look-alike does
 (same subject, colour and layout, different picture), so matching is done by alignment instead:
 
-1. candidates: every row's ``neighbours`` nearest rows by an 8×8 RGB thumbnail (exact L2 search,
-   faiss ``IndexFlatL2``); a crop of ≤ 10 % a side is still among the nearest of its source.
+1. candidates: every row's ``neighbours`` nearest rows by an 8×8 RGB thumbnail (``near_candidates``:
+   searched within k-means cells, not against every row); a crop of ≤ 10 % a side is still among
+   the nearest of its source.
 2. coarse check: the smaller image of a candidate pair is compared with windows of the larger
    one (each side cut by 0, ½ or all of ``max_crop``: 81 windows, 8×8 grey cells, area-averaged
    from the 32×32 thumbnails). A crop lies inside its source, so searching the larger image
@@ -74,23 +75,6 @@ def grid(thumbnails: np.ndarray) -> np.ndarray:
     whole = span_matrix(0, thumbnails.shape[1], thumbnails.shape[1])
     rows = np.einsum("ky,nyxc->nkxc", whole, thumbnails.astype(np.float32))
     return np.einsum("lx,nkxc->nklc", whole, rows).reshape(len(thumbnails), CELLS * CELLS * 3)
-
-
-def candidate_pairs(thumbnails: np.ndarray, neighbours: int) -> np.ndarray:
-    """(m, 2) unique index pairs i < j where one is among the other's nearest rows."""
-    import faiss
-
-    n = len(thumbnails)
-    k = min(neighbours + 1, n)
-    if k < 2:
-        return np.zeros((0, 2), np.int64)
-    vectors = np.ascontiguousarray(grid(thumbnails))
-    index = faiss.IndexFlatL2(vectors.shape[1])
-    index.add(vectors)
-    _, nearest = index.search(vectors, k)
-    pairs = np.stack([np.repeat(np.arange(n), k), nearest.ravel()], axis=1)
-    pairs = pairs[(pairs[:, 1] >= 0) & (pairs[:, 0] != pairs[:, 1])]
-    return np.unique(np.sort(pairs, axis=1), axis=0)
 
 
 def coarse_residual(thumbnails: np.ndarray, larger: np.ndarray, smaller: np.ndarray,
@@ -205,19 +189,3 @@ def verify(fingerprints: Fingerprints, larger: np.ndarray, smaller: np.ndarray,
 def serial_map(function: Callable, shared, items: list[tuple]) -> list:
     """``[function(shared, *item) for item in items]``; executors swap in a parallel version."""
     return [function(shared, *item) for item in items]
-
-
-def matching_pairs(fingerprints: Fingerprints, pixels: np.ndarray, search: NearDuplicateSearch,
-                   map_shared: Callable = serial_map, chunks: int = 1) -> np.ndarray:
-    """(m, 2) index pairs i < j of near duplicates among the fingerprinted rows.
-
-    The candidate pairs are verified in ``chunks`` independent pieces through ``map_shared``.
-    """
-    pairs = candidate_pairs(fingerprints.thumbnails, search.neighbours)
-    first_larger = pixels[pairs[:, 0]] >= pixels[pairs[:, 1]]
-    larger = np.where(first_larger, pairs[:, 0], pairs[:, 1])
-    smaller = np.where(first_larger, pairs[:, 1], pairs[:, 0])
-    pieces = [(larger[part], smaller[part], search) for part in np.array_split(np.arange(len(pairs)), chunks)]
-    same = np.concatenate([np.zeros(0, bool), *map_shared(verify, fingerprints, pieces)])
-    return pairs[same]
-

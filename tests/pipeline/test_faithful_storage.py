@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline.config import DecodeConfig
-from data_pipeline.shards import SHARD_COLUMNS, plan_shards, write_shard
+from data_pipeline.shards import SHARD_COLUMNS, ShardPlan, write_shard
 from data_pipeline.stages.decode import validate
 from tests.pipeline.conftest import encode, noise_image
 
@@ -36,7 +36,7 @@ def store(images: list[bytes], exts: list[str], tmp_path) -> tuple[pd.DataFrame,
         rows[column] = None
     rows = validate(rows, DecodeConfig())
     pq.write_table(pa.Table.from_pandas(rows[SHARD_COLUMNS], preserve_index=False), tmp_path / "p0.parquet")
-    (plan,) = plan_shards(rows.assign(part_id="p0")[["part_id", "uid"]], per_shard=len(rows))
+    plan = ShardPlan("shard-000000.tar", {"p0": list(rows["uid"])})
     write_shard(plan, tmp_path, tmp_path)
     stored = {}
     with tarfile.open(tmp_path / plan.name) as tar:
