@@ -132,8 +132,8 @@ def train_main(argv: list[str] | None = None) -> None:
         plan_main(argv[1:])
         return
     parser = argparse.ArgumentParser(
-        prog="vlm-train", description="Train a vision-language model (model.family: clip) with DeepSpeed: "
-        "ZeRO 0-3, data × tensor × pipeline parallel.",
+        prog="vlm-train", description="Train a vision-language model (model.family: clip, flava, maskvlm or "
+        "limoe) with DeepSpeed: ZeRO 0-3, data × tensor × pipeline × expert parallel.",
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="vlm-train --config CONFIG [--nproc-per-node N] [key.sub=value ...]\n"
               "       vlm-train plan CONFIG --world N [--gpu-mem GiB] [key.sub=value ...]  "
