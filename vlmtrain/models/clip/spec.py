@@ -8,6 +8,7 @@ from vlmtrain.models.clip.config import PRESETS, CLIPConfig, loss_defaults
 from vlmtrain.models.clip.loss import ContrastiveObjective
 from vlmtrain.models.clip.model import CLIP, LOGGED_PARAMETERS, PARAMETER_BOUNDS
 from vlmtrain.models.clip.openclip import load_openclip_checkpoint, write_openclip_dir
+from vlmtrain.models.common.vision import openclip_transform
 from vlmtrain.models.spec import ModelSpec, StateDictAdapter
 
 
@@ -19,10 +20,7 @@ def tokenizer(cfg: CLIPConfig):
 
 
 def image_transform(cfg: CLIPConfig, train: bool):
-    """open_clip's transforms with the OpenAI mean/std, so eval matches open_clip exactly."""
-    import open_clip
-
-    return open_clip.image_transform(cfg.vision.image_size, is_train=train)
+    return openclip_transform(cfg.vision.image_size, train)
 
 
 def example_inputs(cfg: CLIPConfig, batch: int) -> dict[str, torch.Tensor]:

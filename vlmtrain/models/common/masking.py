@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import open_clip
 import torch
 
 # open_clip's BPE vocabulary has 49,408 ids (…, 49406 <start_of_text>, 49407 <end_of_text>); the
@@ -25,12 +24,14 @@ SPECIAL_IDS = (PAD_ID, SOT_ID, EOT_ID, MASK_ID)
 IGNORE_INDEX = -100
 
 
-def masking_tokenizer(context_length: int) -> open_clip.tokenizer.SimpleTokenizer:
+def masking_tokenizer(context_length: int):
     """open_clip's ``SimpleTokenizer`` with ``additional_special_tokens=["<mask>"]``: the same ids for
     every caption as CLIP's tokenizer, plus ``MASK_ID`` (its vocabulary ships in the wheel: no download).
     A caption that spells "<mask>" literally gets the mask id, as one spelling "<end_of_text>" gets EOT;
     masking never selects it and it carries no label. Note that ``TextTower.pool`` finds EOT by argmax,
     which a mask id (larger than EOT's) would win: pool with the unmasked tokens."""
+    import open_clip  # lazily: the launcher process reads configs and never needs it
+
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length,
                                                     additional_special_tokens=[MASK_TOKEN])
     assert tokenizer.encoder[MASK_TOKEN] == MASK_ID  # fixed by the wheel's vocabulary size

@@ -88,3 +88,11 @@ class VisionTower(nn.Module):
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.pool(self.transformer(self.embed(images, keep)))
+
+
+def openclip_transform(image_size: int, train: bool):
+    """open_clip's image transforms (OpenAI mean/std), so eval matches open_clip exactly. open_clip is
+    imported here, not at the top: the launcher process reads configs and never needs it."""
+    import open_clip
+
+    return open_clip.image_transform(image_size, is_train=train)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import functools
 
-import open_clip
 import torch
 
 from vlmtrain.models.common import masking
+from vlmtrain.models.common.vision import openclip_transform
 from vlmtrain.models.flava import parallelize
 from vlmtrain.models.flava.config import PRESETS, FLAVAConfig
 from vlmtrain.models.flava.loss import FlavaObjective
@@ -26,7 +26,7 @@ def tokenizer(cfg: FLAVAConfig):
 
 
 def image_transform(cfg: FLAVAConfig, train: bool):
-    return open_clip.image_transform(cfg.vision.image_size, is_train=train)
+    return openclip_transform(cfg.vision.image_size, train)
 
 
 def masks(cfg: FLAVAConfig, image: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:

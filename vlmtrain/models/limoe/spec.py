@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import math
 
-import open_clip
 import torch
 
 from vlmtrain.models.clip.model import LOGIT_SCALE_MAX
+from vlmtrain.models.common.vision import openclip_transform
 from vlmtrain.models.limoe import parallelize
 from vlmtrain.models.limoe.config import PRESETS, LIMoEConfig
 from vlmtrain.models.limoe.loss import LIMoEObjective
@@ -17,11 +17,13 @@ from vlmtrain.models.spec import ExpertParallelism, ModelSpec
 
 def tokenizer(cfg: LIMoEConfig):
     """open_clip's BPE tokenizer (its vocabulary ships in the wheel: no download)."""
+    import open_clip  # lazily: the launcher process reads configs and never needs it
+
     return open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)
 
 
 def image_transform(cfg: LIMoEConfig, train: bool):
-    return open_clip.image_transform(cfg.image_size, is_train=train)
+    return openclip_transform(cfg.image_size, train)
 
 
 def example_inputs(cfg: LIMoEConfig, batch: int) -> dict[str, torch.Tensor]:

@@ -1,10 +1,10 @@
 """The MaskVLM family as the trainer sees it."""
 from __future__ import annotations
 
-import open_clip
 import torch
 
 from vlmtrain.models.common.masking import EOT_ID, SOT_ID, mask_text, masking_tokenizer, random_mask
+from vlmtrain.models.common.vision import openclip_transform
 from vlmtrain.models.maskvlm import parallelize
 from vlmtrain.models.maskvlm.config import PRESETS, MaskVLMConfig
 from vlmtrain.models.maskvlm.loss import MaskVLMObjective
@@ -14,7 +14,7 @@ from vlmtrain.models.spec import ModelSpec
 
 def image_transform(cfg: MaskVLMConfig, train: bool):
     """open_clip's transforms (OpenAI mean/std): the MIM targets are these normalized pixels."""
-    return open_clip.image_transform(cfg.vision.image_size, is_train=train)
+    return openclip_transform(cfg.vision.image_size, train)
 
 
 def block_image_mask(cfg: MaskVLMConfig) -> torch.Tensor:
