@@ -6,9 +6,9 @@ exit code 2, before any worker process starts where that is possible.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -67,6 +67,7 @@ def configure_runtime() -> None:
     """Quiet, CPU-friendly defaults; set before DeepSpeed is imported anywhere."""
     import torch
 
+    faulthandler.enable()  # a crash in native code (a rank's SIGSEGV) prints every thread's Python stack
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -166,11 +167,23 @@ def train_main(argv: list[str] | None = None) -> None:
             return
     if args.nproc_per_node < 1:
         parser.error("--nproc-per-node must be >= 1")
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc_per_node}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               "-m", "vlmtrain.cli", "--config", args.config, *args.overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    sys.exit(subprocess.call(command, env=env))
+    launch_local_ranks(args.nproc_per_node, ["--config", args.config, *args.overrides], free_port())
+
+
+def launch_local_ranks(nproc: int, rank_argv: list[str], port: int) -> None:
+    """torchrun's agent, in this process (it has torch imported already; a torchrun child would import it
+    again): starts ``nproc`` ranks of ``vlmtrain.cli`` and exits with 0, or 1 when a rank failed (torchrun
+    prints which rank and its error)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        torchrun([f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                  "-m", "vlmtrain.cli", *rank_argv])
+    except ChildFailedError:
+        sys.exit(1)
+    sys.exit(0)
 
 
 EVAL_EPILOG = """\
