@@ -104,7 +104,7 @@ def test_layouts_moe_cannot_run_fail_before_launch_in_one_line(tmp_path, capsys,
     """``vlm-train --nproc-per-node 2`` stops with one line before it builds the launcher command."""
     from vlmtrain import cli
 
-    monkeypatch.setattr(cli.subprocess, "call", lambda *a, **k: pytest.fail("the launcher was started"))
+    monkeypatch.setattr(cli, "launch_local_ranks", lambda *a, **k: pytest.fail("the launcher was started"))
     (tmp_path / "train").mkdir()
     with pytest.raises(SystemExit) as exit_:
         cli.train_main(["--config", "configs/train/limoe_tiny.yaml", "--nproc-per-node", "2",

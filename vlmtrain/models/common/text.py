@@ -8,7 +8,8 @@ from torch import nn
 
 from vlmtrain.configlib import at_least
 from vlmtrain.models.common.blocks import Transformer
-from vlmtrain.models.common.vision import check_below_one, check_heads
+from vlmtrain.models.common.stack import check_heads
+from vlmtrain.models.common.vision import check_below_one
 
 
 @dataclass

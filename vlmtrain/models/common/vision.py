@@ -15,6 +15,7 @@ from vlmtrain.configlib import at_least
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.common.blocks import Transformer
 from vlmtrain.models.common.masking import patch_dropout_keep
+from vlmtrain.models.common.stack import check_heads
 
 
 @dataclass
@@ -37,11 +38,6 @@ class VisionConfig:
         check_heads(prefix, self.width, self.heads)
         check_below_one(prefix, "patch_dropout", self.patch_dropout)
         check_below_one(prefix, "drop_path", self.drop_path)
-
-
-def check_heads(prefix: str, width: int, heads: int) -> None:
-    if width % heads:
-        raise ConfigError(f"{prefix}.width={width} is not divisible by {prefix}.heads={heads}")
 
 
 def check_below_one(prefix: str, key: str, value: float) -> None:

@@ -8,19 +8,8 @@ from vlmtrain.configlib import at_least, between
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.common.masking import MASK_VOCAB_SIZE, masked_count
 from vlmtrain.models.common.text import TextConfig
-from vlmtrain.models.common.vision import VisionConfig, check_heads
-
-
-@dataclass
-class FusionConfig:
-    """The multimodal encoder: self-attention over [fusion CLS; image tokens; text tokens]."""
-    width: int = field(default=64, metadata=at_least(8))
-    layers: int = field(default=1, metadata=at_least(1))
-    heads: int = field(default=2, metadata=at_least(1))
-    mlp_ratio: float = field(default=4.0, metadata=at_least(0.25))
-
-    def check(self, prefix: str) -> None:
-        check_heads(prefix, self.width, self.heads)
+from vlmtrain.models.common.stack import StackConfig
+from vlmtrain.models.common.vision import VisionConfig
 
 
 @dataclass
@@ -51,7 +40,7 @@ class FLAVAConfig:
     embed_dim: int = field(default=64, metadata=at_least(1))
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=MASK_VOCAB_SIZE))
-    fusion: FusionConfig = field(default_factory=FusionConfig)
+    fusion: StackConfig = field(default_factory=StackConfig)  # over [fusion CLS; image; text]
     mim_ratio: float = field(default=0.4, metadata=between(0.0, 1.0))
     mim_min_block: int = field(default=16, metadata=at_least(1))
     mlm_prob: float = field(default=0.15, metadata=between(0.0, 1.0))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from vlmtrain.configlib import at_least, choices
 from vlmtrain.errors import ConfigError
-from vlmtrain.models.common.vision import check_heads
+from vlmtrain.models.common.stack import check_heads
 
 
 @dataclass

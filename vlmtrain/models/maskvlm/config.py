@@ -13,19 +13,8 @@ from vlmtrain.configlib import at_least, between, choices
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.common.masking import MASK_VOCAB_SIZE, masked_count
 from vlmtrain.models.common.text import TextConfig
-from vlmtrain.models.common.vision import VisionConfig, check_heads
-
-
-@dataclass
-class DecoderConfig:
-    """A stack of cross-attention blocks (self-attention, cross-attention, MLP)."""
-    width: int = field(default=64, metadata=at_least(8))
-    layers: int = field(default=1, metadata=at_least(1))
-    heads: int = field(default=2, metadata=at_least(1))
-    mlp_ratio: float = field(default=4.0, metadata=at_least(0.25))
-
-    def check(self, prefix: str) -> None:
-        check_heads(prefix, self.width, self.heads)
+from vlmtrain.models.common.stack import StackConfig
+from vlmtrain.models.common.vision import VisionConfig
 
 
 @dataclass
@@ -46,8 +35,8 @@ class MaskVLMConfig:
     embed_dim: int = field(default=64, metadata=at_least(1))
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=MASK_VOCAB_SIZE))
-    text_decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    image_decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    text_decoder: StackConfig = field(default_factory=StackConfig)
+    image_decoder: StackConfig = field(default_factory=StackConfig)
     mlm_ratio: float = field(default=0.3, metadata=between(0.0, 1.0))
     mim_ratio: float = field(default=0.6, metadata=between(0.0, 1.0))
     mim_block_px: int = field(default=32, metadata=at_least(1))
