@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import CLIP_SPEC, build_clip as build_model, clip_config
-from vlmtrain.models.clip.model import LOGIT_SCALE_MAX
+from vlmtrain.models.common.temperature import LOGIT_SCALE_MAX
 
 
 def tiny_config(**vision):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from vlmtrain.configlib import at_least, choices
 from vlmtrain.errors import ConfigError
+from vlmtrain.models.common.temperature import INIT_LOGIT_SCALE
 from vlmtrain.models.common.text import TextConfig
 from vlmtrain.models.common.vision import VisionConfig
 
@@ -25,7 +26,7 @@ class CLIPConfig:
     embed_dim: int = field(default=64, metadata=at_least(1))
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = INIT_LOGIT_SCALE
     init_logit_bias: float | None = None
 
     def check(self, prefix: str = "model") -> None:

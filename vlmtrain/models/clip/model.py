@@ -1,17 +1,14 @@
 """CLIP: two towers and a learnable temperature."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlmtrain.models.clip.config import CLIPConfig
+from vlmtrain.models.common.temperature import LOGGED_TEMPERATURE, TEMPERATURE_BOUNDS
 from vlmtrain.models.common.text import TextTower
 from vlmtrain.models.common.vision import VisionTower
-
-LOGIT_SCALE_MAX = math.log(100.0)
 
 
 class CLIP(nn.Module):
@@ -48,5 +45,5 @@ class CLIP(nn.Module):
 
 # The trainer clamps these after every step (the temperature stays within [1, 100]) and logs these
 # (the temperature as the loss sees it), found by name wherever the layout put them.
-PARAMETER_BOUNDS = {"logit_scale": (0.0, LOGIT_SCALE_MAX)}
-LOGGED_PARAMETERS = {"logit_scale": math.exp, "logit_bias": float}
+PARAMETER_BOUNDS = TEMPERATURE_BOUNDS
+LOGGED_PARAMETERS = {**LOGGED_TEMPERATURE, "logit_bias": float}

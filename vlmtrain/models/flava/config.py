@@ -1,14 +1,14 @@
 """FLAVA model arguments, objective weights and named presets (Singh et al. 2022, torchmultimodal's layout)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from vlmtrain.configlib import at_least, between
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.common.masking import MASK_VOCAB_SIZE, masked_count
-from vlmtrain.models.common.text import TextConfig
 from vlmtrain.models.common.stack import StackConfig
+from vlmtrain.models.common.temperature import INIT_LOGIT_SCALE
+from vlmtrain.models.common.text import TextConfig
 from vlmtrain.models.common.vision import VisionConfig
 
 
@@ -47,7 +47,7 @@ class FLAVAConfig:
     itm_negative_prob: float = field(default=0.1, metadata=between(0.0, 1.0))
     itm_hard_negatives: bool = False
     weights: LossWeights = field(default_factory=LossWeights)
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = INIT_LOGIT_SCALE
 
     def check(self, prefix: str = "model") -> None:
         self.vision.check(f"{prefix}.vision")

@@ -24,8 +24,6 @@ the same swaps and a resumed run the same ones.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,8 +34,6 @@ from vlmtrain.models.common.objectives import itm_pairs
 from vlmtrain.models.common.text import TextConfig
 from vlmtrain.models.common.vision import VisionConfig, VisionTower
 from vlmtrain.models.flava.config import FLAVAConfig
-
-LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def padding_mask(tokens: torch.Tensor, prefix: int = 0) -> torch.Tensor:
@@ -185,6 +181,3 @@ class FLAVA(nn.Module):
         return partner.to(logits.device), labels.to(logits.device)
 
 
-# The trainer clamps the temperature within [1, 100] after every step and logs it as the loss sees it.
-PARAMETER_BOUNDS = {"logit_scale": (0.0, LOGIT_SCALE_MAX)}
-LOGGED_PARAMETERS = {"logit_scale": math.exp}

@@ -6,11 +6,12 @@ import functools
 import torch
 
 from vlmtrain.models.common import masking
+from vlmtrain.models.common.temperature import LOGGED_TEMPERATURE, TEMPERATURE_BOUNDS
 from vlmtrain.models.common.vision import openclip_transform
 from vlmtrain.models.flava import parallelize
 from vlmtrain.models.flava.config import PRESETS, FLAVAConfig
 from vlmtrain.models.flava.loss import FlavaObjective
-from vlmtrain.models.flava.model import FLAVA, LOGGED_PARAMETERS, PARAMETER_BOUNDS
+from vlmtrain.models.flava.model import FLAVA
 from vlmtrain.models.spec import ModelSpec
 
 
@@ -64,8 +65,8 @@ SPEC = ModelSpec(
     image_transform=image_transform,
     example_inputs=example_inputs,
     sample_inputs=lambda cfg: functools.partial(masks, cfg),
-    parameter_bounds=PARAMETER_BOUNDS,
-    logged_parameters=LOGGED_PARAMETERS,
+    parameter_bounds=TEMPERATURE_BOUNDS,
+    logged_parameters=LOGGED_TEMPERATURE,
     tp_plan=parallelize.TP_PLAN,
     tp_divisible=parallelize.tp_divisible,
 )

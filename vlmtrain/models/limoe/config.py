@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from vlmtrain.configlib import at_least, choices
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.common.stack import check_heads
+from vlmtrain.models.common.temperature import INIT_LOGIT_SCALE
 
 
 @dataclass
@@ -55,7 +56,7 @@ class LIMoEConfig:
     shared_final_norm: bool = False  # one final LayerNorm for both modalities, or one each
     moe: MoEConfig = field(default_factory=MoEConfig)
     loss: LIMoELossConfig = field(default_factory=LIMoELossConfig)
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = INIT_LOGIT_SCALE
 
     def check(self, prefix: str = "model") -> None:
         if self.image_size % self.patch_size:

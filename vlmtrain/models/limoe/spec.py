@@ -1,11 +1,9 @@
 """The LIMoE family as the trainer sees it."""
 from __future__ import annotations
 
-import math
-
 import torch
 
-from vlmtrain.models.clip.model import LOGIT_SCALE_MAX
+from vlmtrain.models.common.temperature import LOGGED_TEMPERATURE, TEMPERATURE_BOUNDS
 from vlmtrain.models.common.vision import openclip_transform
 from vlmtrain.models.limoe import parallelize
 from vlmtrain.models.limoe.config import PRESETS, LIMoEConfig
@@ -40,8 +38,8 @@ SPEC = ModelSpec(
     tokenizer=tokenizer,
     image_transform=image_transform,
     example_inputs=example_inputs,
-    parameter_bounds={"logit_scale": (0.0, LOGIT_SCALE_MAX)},
-    logged_parameters={"logit_scale": math.exp},
+    parameter_bounds=TEMPERATURE_BOUNDS,
+    logged_parameters=LOGGED_TEMPERATURE,
     no_weight_decay=("logit_scale",),
     experts=ExpertParallelism(parallelize.num_experts, parallelize.build_sharded),
     step_diagnostics=routing_stats,

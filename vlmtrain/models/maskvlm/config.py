@@ -6,14 +6,14 @@ for MLM and ITM; image attending to the text, for MIM) and a contrastive head fo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from vlmtrain.configlib import at_least, between, choices
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.common.masking import MASK_VOCAB_SIZE, masked_count
-from vlmtrain.models.common.text import TextConfig
 from vlmtrain.models.common.stack import StackConfig
+from vlmtrain.models.common.temperature import INIT_LOGIT_SCALE
+from vlmtrain.models.common.text import TextConfig
 from vlmtrain.models.common.vision import VisionConfig
 
 
@@ -43,7 +43,7 @@ class MaskVLMConfig:
     mim_loss: str = field(default="l1", metadata=choices("l1", "mse"))
     itm_hard_negatives: bool = False
     weights: LossWeights = field(default_factory=LossWeights)
-    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_scale: float = INIT_LOGIT_SCALE
 
     def check(self, prefix: str = "model") -> None:
         self.vision.check(f"{prefix}.vision")

@@ -27,8 +27,6 @@ both sides of a masked token.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,8 +37,6 @@ from vlmtrain.models.common.objectives import itm_pairs
 from vlmtrain.models.common.text import TextTower
 from vlmtrain.models.common.vision import VisionTower
 from vlmtrain.models.maskvlm.config import MaskVLMConfig
-
-LOGIT_SCALE_MAX = math.log(100.0)
 
 
 class ImageEncoder(VisionTower):
@@ -172,5 +168,3 @@ class MaskVLM(nn.Module):
                 "itm_partner": partner}
 
 
-PARAMETER_BOUNDS = {"logit_scale": (0.0, LOGIT_SCALE_MAX)}
-LOGGED_PARAMETERS = {"logit_scale": math.exp}

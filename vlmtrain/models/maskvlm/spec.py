@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 
 from vlmtrain.models.common.masking import EOT_ID, SOT_ID, mask_text, masking_tokenizer, random_mask
+from vlmtrain.models.common.temperature import LOGGED_TEMPERATURE, TEMPERATURE_BOUNDS
 from vlmtrain.models.common.vision import openclip_transform
 from vlmtrain.models.maskvlm import parallelize
 from vlmtrain.models.maskvlm.config import PRESETS, MaskVLMConfig
 from vlmtrain.models.maskvlm.loss import MaskVLMObjective
-from vlmtrain.models.maskvlm.model import LOGGED_PARAMETERS, PARAMETER_BOUNDS, MaskVLM
+from vlmtrain.models.maskvlm.model import MaskVLM
 from vlmtrain.models.spec import ModelSpec
 
 
@@ -58,8 +59,8 @@ SPEC = ModelSpec(
     image_transform=image_transform,
     example_inputs=example_inputs,
     sample_inputs=sample_inputs,
-    parameter_bounds=PARAMETER_BOUNDS,
-    logged_parameters=LOGGED_PARAMETERS,
+    parameter_bounds=TEMPERATURE_BOUNDS,
+    logged_parameters=LOGGED_TEMPERATURE,
     no_weight_decay=("logit_scale",),
     tp_plan=parallelize.TP_PLAN,
     tp_divisible=parallelize.tp_divisible,
