@@ -172,8 +172,7 @@ def train_main(argv: list[str] | None = None) -> None:
 
 def launch_local_ranks(nproc: int, rank_argv: list[str], port: int) -> None:
     """torchrun's agent, in this process (it has torch imported already; a torchrun child would import it
-    again): starts ``nproc`` ranks of ``vlmtrain.cli`` and exits with 0, or 1 when a rank failed (torchrun
-    prints which rank and its error)."""
+    again): starts ``nproc`` ranks of ``vlmtrain.cli`` and exits with 0, or 1 when a rank failed."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -181,7 +180,8 @@ def launch_local_ranks(nproc: int, rank_argv: list[str], port: int) -> None:
     try:
         torchrun([f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
                   "-m", "vlmtrain.cli", *rank_argv])
-    except ChildFailedError:
+    except ChildFailedError as failed:
+        print(failed, file=sys.stderr)  # which rank failed and how (an exit code, a signal), as torchrun prints it
         sys.exit(1)
     sys.exit(0)
 
