@@ -18,8 +18,8 @@ from webdataset import TarWriter
 from data_pipeline.bootstrap import write_pruned_shards
 from data_pipeline.cli import main as curate_main
 from data_pipeline.config import EmbedConfig, ModelSpec
-from data_pipeline.embedding import EmbedWorkers, embed_pool
-from data_pipeline.stages.embed import EmbedError, read_shard, shard_outputs
+from data_pipeline.embed.jobs import EmbedError, read_shard, shard_outputs
+from data_pipeline.embed.workers import EmbedWorkers, embed_pool
 from tests.conftest import REPO
 from tests.helpers import TINY_CLIP as TINY, build_clip as build_model
 from vlmtrain.checkpoint import write_export
