@@ -8,14 +8,37 @@ Both offer the same four shapes of work, and the steps name no executor:
   map_shared   ``function(shared, *item)`` per item, ``shared`` sent once (Ray tasks): dedup's searches
   workers      long-lived workers that keep their state between calls (Ray actors): the embed step's
                model workers, which load the model once and serve every set of one run
+
+Ray is joined the same way everywhere (``ensure_ray``): a cluster when given its address, else a
+local instance. Our own progress bars report the work, so Ray's INFO chatter on the console
+(instance start, Ray Data execution plans, its progress bars) is turned down to warnings; Ray's log
+files keep it.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Iterator
 
 from data_pipeline.config import RayConfig
-from data_pipeline.ray_runtime import ensure_ray
 from data_pipeline.stages.near_duplicates import serial_map
+
+
+def ensure_ray(num_cpus: int = 0, address: str | None = None) -> bool:
+    """Start or join Ray unless this process already has; True when this call did (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(num_cpus=num_cpus or None, include_dashboard=False, **quiet)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:  # the console only: Ray Data's log file keeps it all
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    return True
 
 
 def _rows(batch: dict) -> Iterator[dict]:

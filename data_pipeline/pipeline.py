@@ -45,7 +45,7 @@ from data_pipeline.embed import plan as embed_plan
 from data_pipeline.embed.store import EmbeddingsMissing, load
 from data_pipeline.executor import Executor, make_executor
 from data_pipeline.registry import row_reason, row_stages, run_stages, section_of
-from data_pipeline.select import apply_stages, decide, eligible_for_dedup, funnel_of
+from data_pipeline.select import apply_stages, decide, funnel_of, passed_row_stages
 from data_pipeline.shards import ShardPlan, file_sha256, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
 from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plans
@@ -180,7 +180,7 @@ class Run:
         columns = ["uid"] + [stage.reason_column for stage in row_stages()]
         uid, part, row = [], [], []
         for index, start, rows in self.scored_batches(columns):
-            eligible = np.flatnonzero(eligible_for_dedup(rows).to_numpy())
+            eligible = np.flatnonzero(passed_row_stages(rows).to_numpy())
             uid.append(rows["uid"].to_numpy(object)[eligible])
             part.append(np.full(len(eligible), index, np.int32))
             row.append((start + eligible).astype(np.int32))
@@ -234,13 +234,13 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
         if "embed" not in steps and "write" not in steps:
             return None
         if not state.verdicts.is_file():
-            raise PipelineError("deduplication has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
+            raise PipelineError("the dedup step has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
         verdicts = pd.read_parquet(state.verdicts).set_index("uid")
         plan = None
         if cfg.embedding.model.is_set():
-            candidates = pd.DataFrame([(state.parts[index].part_id, uid) for index, _, frame in _decided(state, verdicts)
-                                       for uid in frame["uid"][frame["kept"]]], columns=["part_id", "uid"])
-            plan = embed_plan.plan(cfg, candidates, state.parts_dir, state.work)
+            kept = pd.DataFrame([(state.parts[index].part_id, uid) for index, _, frame in _decided(state, verdicts)
+                                 for uid in frame["uid"][frame["kept"]]], columns=["part_id", "uid"])
+            plan = embed_plan.plan(cfg, kept, state.parts_dir, state.work)
             if plan.pool is None:
                 log("embed: no rows left after heuristics and dedup; the embed step and the embedding stages "
                     "are skipped")

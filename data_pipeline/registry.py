@@ -20,6 +20,14 @@ and decode errors are open-ended (some carry the reader's message), so the valid
 reason that no other stage declares.
 
 Adding a stage is its module (config dataclass + function) and one line in ``STAGES``.
+
+Why the embedding stages come in this order: CLIP-score pruning is a per-row quality bar, so it
+comes before the stages that keep one row per group (dedup run first could keep the one member CLIP
+score then drops, losing the group); copy_dedup keeps the highest CLIP score of a group for the same
+reason. Exact copies go before SemDeDup so its clusters are not crowded by them. Decontamination and
+retrieval follow LVD-142M's order (dedup, remove eval near-duplicates, retrieve), so nothing
+retrieved is an eval image; balanced sampling comes last because it draws a fixed-size sample, which
+any later filter would shrink below its target.
 """
 from __future__ import annotations
 
@@ -125,7 +133,3 @@ def row_reason(rows: pd.DataFrame) -> pd.Series:
     for stage in later:
         reason = reason.fillna(rows[stage.reason_column])
     return reason
-
-
-def stage(name: str) -> Stage:
-    return next(s for s in STAGES if s.name == name)

@@ -27,7 +27,7 @@ DECISION_COLUMNS = [
 ]
 
 
-def eligible_for_dedup(rows: pd.DataFrame) -> pd.Series:
+def passed_row_stages(rows: pd.DataFrame) -> pd.Series:
     return row_reason(rows).isna()
 
 

@@ -94,9 +94,9 @@ def test_one_set_of_actors_serves_several_calls_and_refuses_another_model(tiny_m
     spec = ModelSpec(checkpoint=str(export))
     with EmbedWorkers(spec, QUIET) as workers:
         first = embed_pool(pool_shards[:2], tmp_path / "a", spec, QUIET, workers=workers)
-        actors = list(workers.actors)
+        actors = list(workers.pool.actors)
         second = embed_pool(pool_shards, tmp_path / "b", spec, QUIET, workers=workers)
-        assert workers.actors == actors and len(actors) == QUIET.workers  # no model loaded twice
+        assert workers.pool.actors == actors and len(actors) == QUIET.workers  # no model loaded twice
         with pytest.raises(ValueError, match="the workers run"):
             embed_pool(pool_shards[:1], tmp_path / "c", ModelSpec(open_clip_model=f"local-dir:{folder}"), QUIET,
                        workers=workers)
