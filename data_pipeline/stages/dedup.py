@@ -32,7 +32,7 @@ from data_pipeline.stages.near_duplicates import Fingerprints, NearDuplicateSear
 VERIFY_PAIRS = 4096  # candidate pairs per verification task: bounds what one task holds (≈ 2 × 17 kB a pair)
 EXACT_REASONS = ("exact_duplicate_image", "exact_duplicate_pair")
 NEAR_DUPLICATE = "near_duplicate"
-DEDUP_COLUMNS = ["uid", "sha256", "caption", "width", "height", "file_bytes"]
+DEDUP_COLUMNS = ["sha256", "caption", "width", "height", "file_bytes"]  # with the uid
 
 
 @dataclass
@@ -146,6 +146,7 @@ def candidate_table(candidates: Candidates, codes: bool = False) -> Compact:
     pieces, start = [], 0
     for rows in candidates.columns(DEDUP_COLUMNS):
         where = slice(start, start + len(rows))
+        rows.insert(0, "uid", candidates.uid[where])  # the candidates' own strings, not a second copy
         grid_code = (fingerprint_files.gather(Path(candidates.parts.dir), candidates.parts.ids, candidates.part[where],
                                               candidates.row[where], "code")
                      if codes else np.zeros((len(rows), 0), np.uint8))

@@ -16,9 +16,10 @@ from data_pipeline.stages.decode import DecodeConfig, check_image, decode_captio
 from data_pipeline.stages.dedup import DedupConfig, find_duplicates, near_duplicate_of
 from data_pipeline.stages.heuristics import (RULES, Heuristics, HeuristicsConfig, repeated_word_fraction,
                                              symbol_fraction)
-from vlmtrain.errors import ConfigError
 from tests.conftest import run_tool
 from tests.pipeline.conftest import bad_samples, encode, noise_image
+from tests.pipeline.toy_stages import CaptionRepeatsConfig, caption_repeats
+from vlmtrain.errors import ConfigError
 
 
 def raw_rows(bad_input_dir, fmt: str, path: str) -> pd.DataFrame:
@@ -223,7 +224,8 @@ def test_selection_gives_the_first_reason_in_pipeline_order_and_counts_add_up():
 
 def test_the_funnel_is_the_registry_order_and_a_new_stage_counts_with_its_entry_alone():
     # A toy stage after near-duplicate removal: its registry entry is all the funnel needs.
-    toy = Stage("toy_filter", "toy", object, ("toy_reason",), "a stage this test adds", GLOBAL, print)
+    toy = Stage("toy_filter", "toy", CaptionRepeatsConfig, ("toy_reason",), "a stage this test adds", GLOBAL,
+                caption_repeats)
     decisions = pd.DataFrame({"reason": [None, "unreadable_tar: boom", "language", "near_duplicate", "toy_reason"]})
     decisions["kept"] = decisions["reason"].isna()
     for rule in RULES:
