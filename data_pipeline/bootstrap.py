@@ -36,7 +36,7 @@ from typing import Callable
 import pandas as pd
 
 from data_pipeline.config import BootstrapConfig, ModelSpec
-from data_pipeline.embedding import embed_pool
+from data_pipeline.embed.workers import embed_pool
 from data_pipeline.inputs import refuse_inputs_inside
 from data_pipeline.shards import read_shard_members
 from data_pipeline.stages.clip_score import select_by_clip_score

@@ -44,7 +44,7 @@ def stage_table() -> str:
     """One line per registered stage: name (* = embedding stage), config section, summary, reasons."""
     lines = []
     for stage in registry.STAGES:
-        name = f"{stage.name}{'*' if stage.embedding else ''}"
+        name = f"{stage.name}{'*' if stage.kind == registry.EMBEDDING else ''}"
         reasons = ", ".join(stage.reasons) or "missing_image, truncated_tar, undecodable_image, ..."
         lines += [f"  {name:<15} [{stage.section}] {stage.summary}", f"  {'':<15} {reasons}"]
     return "\n".join(lines) + "\n"
@@ -161,9 +161,9 @@ def _scoring_main(args: argparse.Namespace) -> int:
 
     from data_pipeline.bootstrap import run_bootstrap
     from data_pipeline.config import EmbedConfig, ModelSpec, load_bootstrap_config
-    from data_pipeline.embedding import embed_pool
+    from data_pipeline.embed.jobs import EmbedError
+    from data_pipeline.embed.workers import embed_pool
     from data_pipeline.inputs import refuse_inputs_inside
-    from data_pipeline.stages.embed import EmbedError
 
     if args.command == "bootstrap":
         run_bootstrap(load_bootstrap_config(args.config, args.overrides), args.rounds, use_ray=not args.no_ray,

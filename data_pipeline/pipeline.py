@@ -1,24 +1,24 @@
-"""Compose the curation stages on Ray Data; the only module that knows Ray.
+"""Compose the curation steps: what the registry lists, in order, on the executor (Ray, or this process).
 
 Four steps, each resumable, all under ``output_dir``:
-  score   every input file ("part") is read, decoded/validated, filtered by the heuristics and
-          hashed by Ray Data actors; each part lands in ``.work/parts/<part>.parquet``, written
-          atomically, so a rerun scores only the parts that are missing.
-  dedup   exact and near-duplicate search over compact columns of all parts (dedup is global: every
-          row must meet every other; ``stages.dedup``): the driver streams the parts' small columns,
-          the candidate search and the verification of candidate pairs (which reads thumbnails and
-          content signatures from the parts' fingerprint files) run as Ray tasks
-          → ``.work/duplicates.parquet``.
+  score   every input file ("part") is read and the registry's row stages (validate, heuristics, ...)
+          run over it on the executor's actors; each part lands in ``.work/parts/<part>.parquet``,
+          written atomically, so a rerun scores only the parts that are missing.
+  dedup   the global stages (exact and near dedup, ...) over the rows the row stages kept, each over
+          the rows still kept when its turn comes (every row must meet every other): they read the
+          parts' columns and fingerprint files themselves and spread their searches over the
+          executor's tasks → their verdicts in ``.work/verdicts.parquet``.
   embed   only with an ``embedding`` section naming a model: CLIP embeddings of the rows still kept
-          (and of the eval/seed sets the stages need) on Ray actors → ``.work/embeddings/``
-          (``data_pipeline.embed_step``; finished jobs are reused).
+          (and of the reference folders the enabled embedding stages name) on the executor's model
+          workers → ``.work/embeddings/`` (``data_pipeline.embed``; finished jobs are reused).
   write   selection (the only step that drops rows: ``select.decide``, then the enabled embedding
-          stages of ``select_embeddings``) → ``decisions.parquet``, webdataset shards in
-          ``shards/`` (written by Ray tasks, each atomically; existing ones are kept) and
+          stages over the embeddings) → ``decisions.parquet``, webdataset shards in ``shards/``
+          (written by the executor's tasks, each atomically; existing ones are kept) and
           ``manifest.json``. Without embedding stages the parts are decided ``output.stream_rows``
           rows at a time (``write_stream``): the driver's memory does not grow with the pool.
-A rerun after a kill produces byte-identical outputs: every step is a pure function of its inputs,
-the row order is the input order, and nothing records wall-clock time.
+No step names a stage: each runs the registry's stages of its kind. A rerun after a kill produces
+byte-identical outputs: every step is a pure function of its inputs, the row order is the input
+order, and nothing records wall-clock time.
 """
 from __future__ import annotations
 
@@ -38,16 +38,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_pipeline import embed_step, fingerprints, inputs
+from data_pipeline import fingerprints, inputs, registry
+from data_pipeline.candidates import Candidates, ScoredParts
 from data_pipeline.config import CurateConfig, to_dict
-from data_pipeline.ray_runtime import ensure_ray
-from data_pipeline.select import decide, eligible_for_dedup, funnel_of
-from data_pipeline.registry import row_reason, row_stages, run_stages
-from data_pipeline.select_embeddings import select_by_embeddings
+from data_pipeline.embed import plan as embed_plan
+from data_pipeline.embed.store import EmbeddingsMissing, load
+from data_pipeline.executor import Executor, make_executor
+from data_pipeline.registry import row_reason, row_stages, run_stages, section_of
+from data_pipeline.select import apply_stages, decide, funnel_of, passed_row_stages
 from data_pipeline.shards import ShardPlan, file_sha256, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
-from data_pipeline.stages.dedup import Compact, OnDisk, compact, duplicates_of
-from data_pipeline.stages.near_duplicates import serial_map
 from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plans
 from vlmtrain import atomic
 from vlmtrain.errors import UserError
@@ -57,7 +57,6 @@ STEPS = ("score", "dedup", "embed", "write")
 # Raw bytes the later steps never need: a 1 MB caption must not travel further than the decoder.
 _DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
 _METADATA_EXCLUDED = {"image", "image_out", "thumbnail", "signature"}
-_DEDUP_COLUMNS = ["uid", "sha256", "caption", "width", "height", "file_bytes"]
 # .work/fingerprint.json: version 1 compared names and sizes only; version 2 parts have no fingerprint files
 STAMP_VERSION = 3
 _SHARD_PLANS_PER_TASK_BATCH = 256
@@ -71,8 +70,8 @@ class PipelineError(UserError):
 
 
 def row_stage_functions(cfg: CurateConfig) -> list[Callable[[pd.DataFrame], pd.DataFrame]]:
-    """The registry's row-wise stages built for this run, in order (once per worker: some are costly)."""
-    return [stage.build(cfg) for stage in row_stages()]
+    """The registry's row stages built for this run, in order (once per worker: some are costly)."""
+    return [stage.function(section_of(cfg, stage)) for stage in row_stages()]
 
 
 def score_part(part: Part, cfg: CurateConfig, functions: list[Callable[[pd.DataFrame], pd.DataFrame]],
@@ -92,7 +91,7 @@ def score_part(part: Part, cfg: CurateConfig, functions: list[Callable[[pd.DataF
 
 
 class PartScorer:
-    """A Ray Data actor: builds the row-wise stages (the language model) once, then scores parts."""
+    """The score step's actor: builds the row stages (the language model) once, then scores parts."""
 
     def __init__(self, cfg: CurateConfig, parts_dir: str):
         self.cfg, self.parts_dir = cfg, Path(parts_dir)
@@ -112,67 +111,6 @@ def _write_shard_batch(batch: dict, parts_dir: str, out_dir: str) -> dict:
     return {"info": [json.dumps(i) for i in infos]}
 
 
-# ------------------------------------------------------------------ executors
-
-
-class RayExecutor:
-    """Runs the parallel steps on Ray Data: actors with fractional CPUs for scoring, tasks for writing."""
-
-    def __init__(self, cfg: CurateConfig, address: str | None):
-        import ray
-
-        self.ray, self.cfg = ray, cfg
-        self.started = ensure_ray(cfg.ray.num_cpus, address)
-
-    def score(self, parts: list[Part], parts_dir: Path) -> Iterator[dict]:
-        ray = self.ray
-        items = [asdict(p) for p in parts]
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            PartScorer, fn_constructor_kwargs={"cfg": self.cfg, "parts_dir": str(parts_dir)}, batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(self.cfg.ray.workers, len(items))),
-            num_cpus=self.cfg.ray.cpus_per_worker)
-        for row in dataset.iter_rows():
-            yield json.loads(row["summary"])
-
-    def write_shards(self, plans: list[ShardPlan], parts_dir: Path, out_dir: Path) -> list[dict]:
-        items = [{"plan": json.dumps(asdict(p))} for p in plans]
-        dataset = self.ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _write_shard_batch, fn_kwargs={"parts_dir": str(parts_dir), "out_dir": str(out_dir)},
-            batch_size=1, num_cpus=self.cfg.ray.cpus_per_worker)
-        infos = [json.loads(row["info"]) for row in dataset.iter_rows()]
-        return sorted(infos, key=lambda info: info["name"])
-
-    def map_shared(self, function: Callable, shared, items: list[tuple]) -> list:
-        """``function(shared, *item)`` per item as Ray tasks; ``shared`` goes to the object store once."""
-        remote = self.ray.remote(num_cpus=self.cfg.ray.cpus_per_worker)(function)
-        shared_ref = self.ray.put(shared)
-        return self.ray.get([remote.remote(shared_ref, *item) for item in items])
-
-    def close(self) -> None:
-        if self.started:
-            self.ray.shutdown()
-
-
-class LocalExecutor:
-    """The same stage functions in this one Python process (the benchmark's reference, debugging)."""
-
-    def __init__(self, cfg: CurateConfig):
-        self.cfg = cfg
-
-    def score(self, parts: list[Part], parts_dir: Path) -> Iterator[dict]:
-        functions = row_stage_functions(self.cfg)
-        for part in parts:
-            yield score_part(part, self.cfg, functions, parts_dir)
-
-    def write_shards(self, plans: list[ShardPlan], parts_dir: Path, out_dir: Path) -> list[dict]:
-        return [write_shard(plan, parts_dir, out_dir) for plan in plans]
-
-    map_shared = staticmethod(serial_map)
-
-    def close(self) -> None:
-        pass
-
-
 # ------------------------------------------------------------------ the run
 
 
@@ -184,7 +122,7 @@ class Run:
         self.out = Path(cfg.output_dir)
         self.work = self.out / ".work"
         self.parts_dir = self.work / "parts"
-        self.duplicates = self.work / "duplicates.parquet"
+        self.verdicts = self.work / "verdicts.parquet"  # the global stages'
         self.shards_dir = self.out / "shards"
         self.decisions = self.out / "decisions.parquet"
         self.manifest = self.out / "manifest.json"
@@ -237,19 +175,20 @@ class Run:
                 yield index, start, rows
                 start += len(rows)
 
-    def dedup_inputs(self) -> tuple[Compact, OnDisk]:
-        """The eligible rows' compact columns, and where their fingerprints are."""
-        columns = _DEDUP_COLUMNS + [stage.reason_column for stage in row_stages()]
-        pieces, part, row = [], [], []
+    def candidates(self, executor: Executor, chunks: int) -> Candidates:
+        """The rows every row stage kept: the global stages' candidates (their searches on ``executor``)."""
+        columns = ["uid"] + [stage.reason_column for stage in row_stages()]
+        uid, part, row = [], [], []
         for index, start, rows in self.scored_batches(columns):
-            eligible = np.flatnonzero(eligible_for_dedup(rows).to_numpy())
-            codes = fingerprints.gather(self.parts_dir, [p.part_id for p in self.parts],
-                                        np.full(len(eligible), index), start + eligible, "code")
-            pieces.append(compact(rows.iloc[eligible], codes))
+            eligible = np.flatnonzero(passed_row_stages(rows).to_numpy())
+            uid.append(rows["uid"].to_numpy(object)[eligible])
             part.append(np.full(len(eligible), index, np.int32))
             row.append((start + eligible).astype(np.int32))
-        return Compact.concat(pieces), OnDisk(str(self.parts_dir), [p.part_id for p in self.parts],
-                                              np.concatenate(part), np.concatenate(row))
+        return Candidates(np.concatenate(uid), np.concatenate(part), np.concatenate(row), self.scored_parts(),
+                          executor.map_shared, chunks)
+
+    def scored_parts(self) -> ScoredParts:
+        return ScoredParts(str(self.parts_dir), [p.part_id for p in self.parts], self.cfg.output.stream_rows)
 
 
 def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None = None,
@@ -258,12 +197,12 @@ def run(cfg: CurateConfig, steps: Iterable[str] = STEPS, ray_address: str | None
     Inputs are checked before anything is written, and the output directory is held for this run."""
     started = time.perf_counter()
     if cfg.embedding.model.is_set():
-        embed_step.check_inputs(cfg)  # a mistyped folder fails now, not after scoring the pool
+        embed_plan.check_inputs(cfg)  # a mistyped folder fails now, not after scoring the pool
     state = Run(cfg)
     inputs.refuse_inputs_inside(state.out, [
         *((f"sources[{p.source_index}].path", p.path) for p in state.parts),
         *((f"sources[{i}].image_root", s.image_root) for i, s in enumerate(cfg.sources)),
-        *(embed_step.input_paths(cfg) if cfg.embedding.model.is_set() else [])])
+        *(embed_plan.input_paths(cfg) if cfg.embedding.model.is_set() else [])])
     with RunLock(state.out):
         state.prepare(log)
         return _run_steps(cfg, state, list(steps), ray_address, use_ray, log, started)
@@ -273,60 +212,57 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
                log: Callable[[str], None], started: float) -> dict | None:
     executor = None
 
-    def executor_started():  # Ray starts once, when the first step needs it
+    def executor_started() -> Executor:  # Ray starts once, when the first step needs it
         nonlocal executor
-        executor = executor or (RayExecutor(cfg, ray_address) if use_ray else LocalExecutor(cfg))
+        executor = executor or make_executor(cfg.ray, use_ray, ray_address)
         return executor
 
     try:
         if "score" in steps:
             pending = state.missing_parts()
             if pending:
-                _score(executor_started(), pending, state, cfg.progress)
+                _score(executor_started(), pending, state, cfg)
             log(f"score: {len(state.parts)} part(s) scored ({len(state.parts) - len(pending)} from an earlier run)")
         if "dedup" in steps:
-            table, source = state.dedup_inputs()
             # Tasks for every worker to search and verify in parallel (one in a plain run).
-            chunks = 2 * cfg.ray.workers if use_ray else 1
-            duplicates = duplicates_of(table, source, cfg.dedup, executor_started().map_shared, chunks)
-            _write_parquet(duplicates, state.duplicates)
-            log(f"dedup: {len(duplicates)} duplicate(s) among {len(table)} eligible rows")
-            del table, source
+            candidates = state.candidates(executor_started(), 2 * cfg.ray.workers if use_ray else 1)
+            verdicts = _global_verdicts(candidates, cfg, log)
+            _write_parquet(verdicts, state.verdicts)
+            log(f"dedup: {int(verdicts['reason_global'].notna().sum())} of {len(candidates)} candidate rows dropped "
+                f"by the global stages")
+            del candidates, verdicts
         if "embed" not in steps and "write" not in steps:
             return None
-        if not state.duplicates.is_file():
-            raise PipelineError("deduplication has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
-        duplicates = pd.read_parquet(state.duplicates).set_index("uid")
+        if not state.verdicts.is_file():
+            raise PipelineError("the dedup step has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
+        verdicts = pd.read_parquet(state.verdicts).set_index("uid")
         plan = None
         if cfg.embedding.model.is_set():
-            candidates = pd.DataFrame([(part_id, uid) for part_id, frame in _decided(state, duplicates)
-                                       for uid in frame["uid"][frame["kept"]]], columns=["part_id", "uid"])
-            plan = embed_step.plan(cfg, candidates, state.parts_dir, state.work)
+            kept = pd.DataFrame([(state.parts[index].part_id, uid) for index, _, frame in _decided(state, verdicts)
+                                 for uid in frame["uid"][frame["kept"]]], columns=["part_id", "uid"])
+            plan = embed_plan.plan(cfg, kept, state.parts_dir, state.work)
             if plan.pool is None:
                 log("embed: no rows left after heuristics and dedup; the embed step and the embedding stages "
                     "are skipped")
             elif "embed" in steps:
-                if use_ray:
-                    executor_started()  # the model actors join this run's Ray
-                embed_step.embed(plan, cfg, use_ray, log)
+                embed_plan.embed(plan, cfg, executor_started(), log)
         if "write" not in steps:
             return None
-        embedding = None  # the embedding stages count in the funnel only when they ran
-        pieces = _decided(state, duplicates)
-        if plan is not None and plan.pool is not None:
-            pieces = _selected_by_embeddings(list(pieces), plan, cfg, log)
-            embedding = cfg.embedding
+        embedded = plan is not None and plan.pool is not None  # the embedding stages count only when they ran
+        pieces = _decided(state, verdicts)
+        if embedded:
+            pieces = _selected_by_embeddings(list(pieces), plan, state, executor_started(), cfg, log)
         plans_file = state.work / "shard_plans.jsonl"
         with DecisionsFile(state.decisions) as decisions, \
                 ShardPlanner(plans_file, cfg.output.samples_per_shard) as planner:
-            for part_id, frame in pieces:
+            for index, _, frame in pieces:
                 decisions.write(frame)
-                planner.add(part_id, list(frame["uid"][frame["kept"].to_numpy()]))
+                planner.add(state.parts[index].part_id, list(frame["uid"][frame["kept"].to_numpy()]))
         _reset_shards_if_replanned(state, planner.digest)
         infos = [info for batch in read_plans(plans_file, _SHARD_PLANS_PER_TASK_BATCH)
-                 for info in executor_started().write_shards(batch, state.parts_dir, state.shards_dir)]
+                 for info in _write_shards(executor_started(), batch, state)]
         manifest = {
-            "funnel": funnel_of(decisions.counts, run_stages(embedding)),
+            "funnel": funnel_of(decisions.counts, run_stages(cfg, embedded)),
             "shards": infos,
             "decisions": {"path": state.decisions.name, "sha256": file_sha256(state.decisions)},
             "inputs": [{k: entry[k] for k in ("path", "size", "sha256")} for entry in state.inputs],
@@ -341,38 +277,69 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
             executor.close()
 
 
-def _decided(state: Run, duplicates: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(part id, decisions) of every scored batch, in input order; ``duplicates``: indexed by uid."""
-    for index, _, rows in state.scored_batches():
-        found = duplicates.reindex(rows["uid"]).dropna(how="all").reset_index()
-        yield state.parts[index].part_id, decide(rows, found)
+def _global_verdicts(candidates: Candidates, cfg: CurateConfig, log: Callable[[str], None]) -> pd.DataFrame:
+    """The global stages over the candidates: uid, reason_global and their columns, for the rows they decided
+    (dropped, or given a value)."""
+    table = pd.DataFrame({"uid": candidates.uid, "reason": None, "kept": True})
+    table = apply_stages(registry.of_kind(registry.GLOBAL), table, np.arange(len(candidates)), candidates, cfg, log)
+    table = table.drop(columns="kept").rename(columns={"reason": "reason_global"})
+    decided = table.drop(columns="uid").notna().any(axis=1)
+    return table[decided].astype({"uid": object, "reason_global": object})
 
 
-def _selected_by_embeddings(pieces: list[tuple[str, pd.DataFrame]], plan: embed_step.EmbedPlan, cfg: CurateConfig,
-                            log: Callable[[str], None]) -> Iterator[tuple[str, pd.DataFrame]]:
+def _decided(state: Run, verdicts: pd.DataFrame) -> Iterator[tuple[int, int, pd.DataFrame]]:
+    """(part index, first row in the part, decisions) of every scored batch, in input order; ``verdicts``: the
+    global stages', indexed by uid."""
+    for index, start, rows in state.scored_batches():
+        found = verdicts.reindex(rows["uid"]).dropna(how="all").reset_index()
+        yield index, start, decide(rows, found)
+
+
+def _selected_by_embeddings(pieces: list[tuple[int, int, pd.DataFrame]], plan: embed_plan.EmbedPlan, state: Run,
+                            executor: Executor, cfg: CurateConfig,
+                            log: Callable[[str], None]) -> Iterator[tuple[int, int, pd.DataFrame]]:
     """The embedding stages work on the whole pool at once; their decisions go out in the same pieces."""
     try:
-        pool = embed_step.load(plan.pool)
-        eval_sets = embed_step.load_references(plan.eval_sets)
-        seed_sets = [embed_step.load(s, reference=True) for s in plan.seed_sets]
-    except embed_step.EmbeddingsMissing as err:
+        pool = load(plan.pool)
+        references = {name: [load(s, reference=True) for s in sets] for name, sets in plan.references.items()}
+    except EmbeddingsMissing as err:
         raise PipelineError(str(err)) from None
-    whole = pd.concat([frame for _, frame in pieces], ignore_index=True)
-    selected = select_by_embeddings(whole, pool, eval_sets, seed_sets, cfg.embedding, log)
-    start = 0
-    for part_id, frame in pieces:
-        yield part_id, selected.iloc[start:start + len(frame)].reset_index(drop=True)
-        start += len(frame)
+    whole = pd.concat([frame for _, _, frame in pieces], ignore_index=True)
+    # Every candidate carries its CLIP score, whichever stages run.
+    whole = whole.merge(pd.DataFrame({"uid": pool.ids, "clip_score": pool.clip_score}), on="uid", how="left",
+                        validate="one_to_one")
+    at = np.flatnonzero(whole["kept"].to_numpy())
+    by_uid = pd.Series(np.arange(len(pool.ids)), index=pool.ids).loc[whole["uid"].to_numpy()[at]].to_numpy()
+    part = np.concatenate([np.full(len(frame), index, np.int32) for index, _, frame in pieces])
+    row = np.concatenate([start + np.arange(len(frame), dtype=np.int32) for _, start, frame in pieces])
+    candidates = Candidates(whole["uid"].to_numpy(object)[at], part[at], row[at], state.scored_parts(),
+                            executor.map_shared, 1, pool.vectors[by_uid], pool.clip_score[by_uid])
+    stages = [s for s in registry.of_kind(registry.EMBEDDING) if registry.enabled(cfg, s)]
+    selected = apply_stages(stages, whole, at, candidates, cfg, log, references)
+    offset = 0
+    for index, start, frame in pieces:
+        yield index, start, selected.iloc[offset:offset + len(frame)].reset_index(drop=True)
+        offset += len(frame)
 
 
-def _score(executor, pending: list[Part], state: Run, progress: bool) -> None:
+def _score(executor: Executor, pending: list[Part], state: Run, cfg: CurateConfig) -> None:
     rejected: Counter = Counter()
-    with tqdm(desc="score", unit="rows", disable=not progress, dynamic_ncols=True) as bar:
-        for done, summary in enumerate(executor.score(pending, state.parts_dir), start=1):
+    items = [asdict(p) for p in pending]
+    summaries = executor.map_actors(PartScorer, {"cfg": cfg, "parts_dir": str(state.parts_dir)}, items)
+    with tqdm(desc="score", unit="rows", disable=not cfg.progress, dynamic_ncols=True) as bar:
+        for done, row in enumerate(summaries, start=1):
+            summary = json.loads(row["summary"])
             rejected.update(summary["rejected"])
             bar.update(summary["rows"])
             top = ", ".join(f"{k}={v}" for k, v in rejected.most_common(3))
             bar.set_postfix_str(f"parts {done}/{len(pending)}, rejected {sum(rejected.values())} ({top})")
+
+
+def _write_shards(executor: Executor, plans: list[ShardPlan], state: Run) -> list[dict]:
+    items = [{"plan": json.dumps(asdict(p))} for p in plans]
+    rows = executor.map_tasks(_write_shard_batch, {"parts_dir": str(state.parts_dir), "out_dir": str(state.shards_dir)},
+                              items)
+    return sorted((json.loads(row["info"]) for row in rows), key=lambda info: info["name"])
 
 
 def _reset_shards_if_replanned(state: Run, digest: str) -> None:

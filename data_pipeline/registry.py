@@ -1,42 +1,69 @@
-"""The curation stages in pipeline order, in one table: the funnel, the reasons table and
-``vlm-curate --help`` are read from it.
+"""The curation stages in pipeline order, in one table. The run, the stage sections of the curate
+config, the funnel, the reasons table, ``vlm-curate --help`` and the report are all read from it.
 
-A stage declares its name (its step in the funnel), the config section that is its YAML schema, the
-reasons it records on the rows it rejects, and one line for ``--help``. Read and decode errors are
-open-ended (some carry the reader's message), so the validate stage owns every reason that no other
-stage declares. A row-wise stage also declares how to build its function from the run's config: a
-batch → batch callable (built once per worker) that adds its columns and ``reason_<name>``; the
-scoring step applies them in registry order, so a new row-wise stage is its module plus its entry.
-The global stages (dedup, the embedding stages) run in their own steps.
+A stage declares its name (its step in the funnel), its config section (a dotted path in the curate
+YAML) and that section's dataclass (the YAML schema, declared in the stage's module; ``config``
+builds the section from it), the reasons it records on the rows it rejects, one line for ``--help``,
+and its kind and function:
+
+  ROW        ``function(section) →`` a batch function, built once per worker, that adds the stage's
+             columns and ``reason_<name>``; the score step applies them in order to every row read.
+  GLOBAL     ``function(candidates, section) → Verdict`` over every row still kept when its turn comes
+             (``data_pipeline.candidates``): stages that must see all rows at once, such as dedup.
+             They run in the dedup step, which stores their verdicts for the later steps.
+  EMBEDDING  the same, over the candidates' CLIP embeddings: they run in the write step, after the embed
+             step, only when their section is enabled (and names a model). ``references`` names the
+             field of the section that lists folders the embed step also embeds for the stage.
+
+A global or embedding stage whose section has an ``enabled`` field runs only when it is true. Read
+and decode errors are open-ended (some carry the reader's message), so the validate stage owns every
+reason that no other stage declares.
+
+Adding a stage is its module (config dataclass + function) and one line in ``STAGES``.
+
+Why the embedding stages come in this order: CLIP-score pruning is a per-row quality bar, so it
+comes before the stages that keep one row per group (dedup run first could keep the one member CLIP
+score then drops, losing the group); copy_dedup keeps the highest CLIP score of a group for the same
+reason. Exact copies go before SemDeDup so its clusters are not crowded by them. Decontamination and
+retrieval follow LVD-142M's order (dedup, remove eval near-duplicates, retrieve), so nothing
+retrieved is an eval image; balanced sampling comes last because it draws a fixed-size sample, which
+any later filter would shrink below its target.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 
-from data_pipeline.config import CurateConfig, EmbeddingConfig
-from data_pipeline.stages.decode import validate
-from data_pipeline.stages.clip_score import REASONS as CLIP_SCORE_REASONS
-from data_pipeline.stages.heuristics import RULES, Heuristics
+from data_pipeline.stages.balance import BalanceStageConfig, balance
+from data_pipeline.stages.clip_score import REASONS as CLIP_SCORE_REASONS, ClipScoreStageConfig, clip_score
+from data_pipeline.stages.copy_dedup import CopyDedupStageConfig, copy_dedup
+from data_pipeline.stages.decode import DecodeConfig, validator
+from data_pipeline.stages.decontaminate import DecontaminateStageConfig, decontaminate
+from data_pipeline.stages.dedup import EXACT_REASONS, NEAR_DUPLICATE, DedupConfig, exact_dedup, near_dedup
+from data_pipeline.stages.heuristics import RULES, Heuristics, HeuristicsConfig
+from data_pipeline.stages.retrieval import RetrievalStageConfig, retrieval
+from data_pipeline.stages.semdedup import SemDedupStageConfig, semdedup
 from data_pipeline.vector.balance import REASON as NOT_SAMPLED
 from data_pipeline.vector.copy_dedup import REASON as COPY_DUPLICATE
 from data_pipeline.vector.decontaminate import REASON as EVAL_CONTAMINATION
 from data_pipeline.vector.retrieval import REASON as NOT_RETRIEVED
 from data_pipeline.vector.semdedup import REASON as SEMANTIC_DUPLICATE
 
+ROW, GLOBAL, EMBEDDING = "row", "global", "embedding"
+
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    section: str  # its config section (dotted path in the curate YAML)
+    section: str  # dotted path of its config section in the curate YAML
+    config: type  # that section's dataclass
     reasons: tuple[str, ...]  # () for the stage that owns every undeclared reason
     summary: str
-    embedding: bool = False  # an embedding stage: part of a run only when its section enables it
-    # A row-wise stage: the run's config → its batch function (which sets the column reason_<name>).
-    build: Callable[[CurateConfig], Callable[[pd.DataFrame], pd.DataFrame]] | None = None
+    kind: str  # ROW, GLOBAL or EMBEDDING
+    function: Callable
+    references: str = ""  # EMBEDDING: the section's field listing folders to embed for the stage
 
     @property
     def reason_column(self) -> str:
@@ -44,35 +71,59 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("validate", "decode", (), "read and decode every sample safely (read/decode errors are its reasons)",
-          build=lambda cfg: partial(validate, cfg=cfg.decode)),
-    Stage("heuristics", "heuristics", RULES, "named caption and image rules (DataComp's basic filter by default)",
-          build=lambda cfg: Heuristics(cfg.heuristics)),
-    Stage("exact_dedup", "dedup", ("exact_duplicate_image", "exact_duplicate_pair"), "same image bytes (sha256)"),
-    Stage("near_dedup", "dedup", ("near_duplicate",), "re-encodes, resizes, crops (thumbnails, then content)"),
-    Stage("clip_score", "embedding.clip_score", tuple(CLIP_SCORE_REASONS.values()),
-          "image-text CLIP score: a threshold or a top fraction", embedding=True),
-    Stage("copy_dedup", "embedding.copy_dedup", (COPY_DUPLICATE,), "copies by image embedding (k-NN graph)",
-          embedding=True),
-    Stage("semdedup", "embedding.semdedup", (SEMANTIC_DUPLICATE,), "semantic duplicates within k-means clusters",
-          embedding=True),
-    Stage("decontaminate", "embedding.decontaminate", (EVAL_CONTAMINATION,), "near copies of eval images",
-          embedding=True),
-    Stage("retrieval", "embedding.retrieval", (NOT_RETRIEVED,), "keep what seed sets retrieve", embedding=True),
-    Stage("balance", "embedding.balance", (NOT_SAMPLED,), "balanced sampling over clusters", embedding=True),
+    Stage("validate", "decode", DecodeConfig, (), "read and decode every sample safely (read/decode errors are its "
+          "reasons)", ROW, validator),
+    Stage("heuristics", "heuristics", HeuristicsConfig, RULES, "named caption and image rules (DataComp's basic "
+          "filter by default)", ROW, Heuristics),
+    Stage("exact_dedup", "dedup", DedupConfig, EXACT_REASONS, "same image bytes (sha256)", GLOBAL, exact_dedup),
+    Stage("near_dedup", "dedup", DedupConfig, (NEAR_DUPLICATE,), "re-encodes, resizes, crops (thumbnails, then "
+          "content)", GLOBAL, near_dedup),
+    Stage("clip_score", "embedding.clip_score", ClipScoreStageConfig, tuple(CLIP_SCORE_REASONS.values()),
+          "image-text CLIP score: a threshold or a top fraction", EMBEDDING, clip_score),
+    Stage("copy_dedup", "embedding.copy_dedup", CopyDedupStageConfig, (COPY_DUPLICATE,),
+          "copies by image embedding (k-NN graph)", EMBEDDING, copy_dedup),
+    Stage("semdedup", "embedding.semdedup", SemDedupStageConfig, (SEMANTIC_DUPLICATE,),
+          "semantic duplicates within k-means clusters", EMBEDDING, semdedup),
+    Stage("decontaminate", "embedding.decontaminate", DecontaminateStageConfig, (EVAL_CONTAMINATION,),
+          "near copies of eval images", EMBEDDING, decontaminate, references="eval_sets"),
+    Stage("retrieval", "embedding.retrieval", RetrievalStageConfig, (NOT_RETRIEVED,), "keep what seed sets retrieve",
+          EMBEDDING, retrieval, references="seed_sets"),
+    Stage("balance", "embedding.balance", BalanceStageConfig, (NOT_SAMPLED,), "balanced sampling over clusters",
+          EMBEDDING, balance),
 )
 
 
-def run_stages(embedding: EmbeddingConfig | None = None) -> list[Stage]:
-    """The stages a run has, in order: every non-embedding stage, and the embedding stages ``embedding``
-    enables."""
-    enabled = set(embedding.enabled_stages()) if embedding is not None else set()
-    return [stage for stage in STAGES if not stage.embedding or stage.name in enabled]
+def section_of(cfg: Any, stage: Stage) -> Any:
+    """The stage's config section in the run's ``CurateConfig``."""
+    for key in stage.section.split("."):
+        cfg = getattr(cfg, key)
+    return cfg
+
+
+def enabled(cfg: Any, stage: Stage) -> bool:
+    return getattr(section_of(cfg, stage), "enabled", True)
+
+
+def of_kind(kind: str) -> list[Stage]:
+    """The stages of one kind, in order."""
+    return [s for s in STAGES if s.kind == kind]
 
 
 def row_stages() -> list[Stage]:
-    """The row-wise stages, in order."""
-    return [s for s in STAGES if s.build is not None]
+    return of_kind(ROW)
+
+
+def run_stages(cfg: Any = None, embedded: bool = False) -> list[Stage]:
+    """The stages a run has, in order: the row stages, the enabled global stages and, when the embedding stages
+    ran (``embedded``), the enabled ones. Without ``cfg``: the row and global stages."""
+    def in_run(stage: Stage) -> bool:
+        if stage.kind == ROW:
+            return True
+        if cfg is None:
+            return stage.kind == GLOBAL
+        return (stage.kind == GLOBAL or embedded) and enabled(cfg, stage)
+
+    return [s for s in STAGES if in_run(s)]
 
 
 def row_reason(rows: pd.DataFrame) -> pd.Series:
@@ -82,7 +133,3 @@ def row_reason(rows: pd.DataFrame) -> pd.Series:
     for stage in later:
         reason = reason.fillna(rows[stage.reason_column])
     return reason
-
-
-def stage(name: str) -> Stage:
-    return next(s for s in STAGES if s.name == name)

@@ -1,18 +1,21 @@
 """Final selection: the one place that decides keep or drop, and records every decision.
 
-A row's reason is the first problem in pipeline order (``registry``): the row-wise stages'
-(reason_validate: reading/decoding, reason_heuristics: the rules in their order), then deduplication,
-then (when configured) the embedding stages of ``select_embeddings``. kept = no reason. Nothing is dropped silently:
-decisions.parquet has one row per row read, so kept + rejected = read.
+A row's reason is the first problem in pipeline order (``registry``): the row stages'
+(reason_validate: reading/decoding, reason_heuristics: the rules in their order), then the global
+stages' (deduplication), then (when configured) the embedding stages'. kept = no reason. Nothing is
+dropped silently: decisions.parquet has one row per row read, so kept + rejected = read.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 
-from data_pipeline.registry import Stage, row_reason, run_stages
+from data_pipeline.candidates import Candidates
+from data_pipeline.registry import Stage, row_reason, run_stages, section_of
 from data_pipeline.stages.heuristics import RULES
 
 DECISION_COLUMNS = [
@@ -24,18 +27,69 @@ DECISION_COLUMNS = [
 ]
 
 
-def eligible_for_dedup(rows: pd.DataFrame) -> pd.Series:
+def passed_row_stages(rows: pd.DataFrame) -> pd.Series:
     return row_reason(rows).isna()
 
 
-def decide(rows: pd.DataFrame, duplicates: pd.DataFrame) -> pd.DataFrame:
-    """rows: every scored row (no image bytes needed); duplicates: uid, reason_dedup, duplicate_of."""
-    table = rows.merge(duplicates, on="uid", how="left", validate="one_to_one")
-    reason = row_reason(table).fillna(table["reason_dedup"])
+def decide(rows: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
+    """rows: every scored row (no image bytes needed); verdicts: uid, reason_global and the global stages'
+    columns (duplicate_of, ...) of the rows they decided (``apply_stages``)."""
+    table = rows.merge(verdicts, on="uid", how="left", validate="one_to_one")
+    reason = row_reason(table).fillna(table["reason_global"])
     table["reason"] = reason.astype(object).where(reason.notna(), None)
     table["kept"] = table["reason"].isna()
+    extra = [c for c in verdicts.columns if c not in ("uid", "reason_global", *DECISION_COLUMNS)]
+    table = table.reindex(columns=[*DECISION_COLUMNS, *extra])
     table["duplicate_of"] = table["duplicate_of"].astype(object).where(table["duplicate_of"].notna(), None)
-    return table[DECISION_COLUMNS]
+    return table
+
+
+def apply_stages(stages: Sequence[Stage], table: pd.DataFrame, at: np.ndarray, candidates: Candidates, cfg: Any,
+                 log: Callable[[str], None], references: dict[str, list] | None = None) -> pd.DataFrame:
+    """Run global (or embedding) ``stages`` in order over ``candidates``, rows ``at`` of ``table``: each stage
+    sees the candidates still kept when its turn comes. Returns ``table`` with their reasons (``reason``,
+    ``kept``) and their columns (blank on the rows a stage did not see). The stages' warnings (k or a cluster
+    count clipped to a small pool, seeds that retrieve nothing) go to the log. ``references``: stage name →
+    the embeddings of its reference folders."""
+    table = table.copy()
+    for stage in stages:
+        still = table["kept"].to_numpy()[at]
+        if not still.any():
+            log(f"{stage.name}: no rows left to select from; skipped")
+            continue
+        rows = at[still]
+        seen = candidates.subset(still)
+        seen.references = (references or {}).get(stage.name, [])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            verdict = stage.function(seen, section_of(cfg, stage))
+        for warning in caught:
+            log(f"{stage.name}: warning: {warning.message}")
+        dropped = pd.notna(verdict.reason)
+        table.loc[table.index[rows[dropped]], "reason"] = verdict.reason[dropped]
+        table.loc[table.index[rows[dropped]], "kept"] = False
+        for name, values in verdict.columns.items():
+            _record(table, name, rows, np.asarray(values))
+        log(f"{stage.name}: {int(dropped.sum())} of {len(rows)} rows dropped"
+            + (f" ({verdict.note})" if verdict.note else ""))
+    return table
+
+
+def _record(table: pd.DataFrame, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+    """Set column ``name`` at ``rows``; a new column is blank elsewhere (NA, NaN, False or None by type)."""
+    if name in table:
+        table.loc[table.index[rows], name] = values
+        return
+    if values.dtype.kind in "iu":
+        column = pd.array([pd.NA] * len(table), dtype="Int64")
+    elif values.dtype.kind == "f":
+        column = np.full(len(table), np.nan, dtype=np.float32)
+    elif values.dtype.kind == "b":
+        column = np.zeros(len(table), dtype=bool)
+    else:
+        column = np.full(len(table), None, dtype=object)
+    column[rows] = values
+    table[name] = column
 
 
 def tally(decisions: pd.DataFrame) -> Counter:

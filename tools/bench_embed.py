@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Images/s of the embed stage (`data_pipeline.embedding.embed_pool` on Ray actors) against a bare
+"""Images/s of the embed stage (`data_pipeline.embed.workers.embed_pool` on Ray actors) against a bare
 single-process loop of the same model doing the same work (read the tar, decode, eval transform,
 tokenize, encode image and text, normalise), both at one torch thread per process.
 
@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipeline.config import EmbedConfig, ModelSpec  # noqa: E402
-from data_pipeline.embedding import EmbedWorkers, embed_pool  # noqa: E402
-from data_pipeline.stages.embed import read_shard  # noqa: E402
+from data_pipeline.embed.jobs import read_shard  # noqa: E402
+from data_pipeline.embed.workers import EmbedWorkers, embed_pool  # noqa: E402
 from vlmtrain.checkpoint import write_export  # noqa: E402
 from vlmtrain.config import load_train_config  # noqa: E402
 from vlmtrain.eval.checkpoints import load_eval_model  # noqa: E402

@@ -20,9 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_pipeline.config import DecodeConfig, SourceConfig, load_curate_config  # noqa: E402
+from data_pipeline.config import SourceConfig, load_curate_config  # noqa: E402
 from data_pipeline.sources import list_parts, read_part  # noqa: E402
-from data_pipeline.stages.decode import validate  # noqa: E402
+from data_pipeline.stages.decode import DecodeConfig, validate  # noqa: E402
 from data_pipeline.stages.heuristics import RULES, Heuristics  # noqa: E402
 
 # The generator's noise label(s) each rule is meant to catch (rules without one: none in the pool).

@@ -31,10 +31,10 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_pipeline.config import DecodeConfig, DedupConfig, SourceConfig  # noqa: E402
+from data_pipeline.config import SourceConfig  # noqa: E402
 from data_pipeline.sources import list_parts, read_part  # noqa: E402
-from data_pipeline.stages.decode import validate  # noqa: E402
-from data_pipeline.stages.dedup import find_duplicates  # noqa: E402
+from data_pipeline.stages.decode import DecodeConfig, validate  # noqa: E402
+from data_pipeline.stages.dedup import DedupConfig, find_duplicates  # noqa: E402
 
 SIDE = 64
 KINDS = ("object_on_flat", "noise", "gradient")

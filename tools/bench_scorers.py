@@ -39,10 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_pipeline import scorer_variants  # noqa: E402
-from data_pipeline.config import ClipScoreConfig, EmbedConfig, ModelSpec, SparsifyConfig  # noqa: E402
-from data_pipeline.embedding import embed_pool  # noqa: E402
-from data_pipeline.stages.clip_score import passes_clip_score  # noqa: E402
-from data_pipeline.stages.embed import read_shard  # noqa: E402
+from data_pipeline.config import EmbedConfig, ModelSpec, SparsifyConfig  # noqa: E402
+from data_pipeline.embed.jobs import read_shard  # noqa: E402
+from data_pipeline.embed.workers import embed_pool  # noqa: E402
+from data_pipeline.stages.clip_score import ClipScoreConfig, passes_clip_score  # noqa: E402
 from vlmtrain.eval.checkpoints import load_eval_model  # noqa: E402
 
 KEEP_FRACTION = 0.75

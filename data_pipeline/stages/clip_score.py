@@ -5,6 +5,10 @@ selection (``select_by_clip_score``) only turns the reason into ``kept = False``
 table still has one row per row read and kept + rejected = read. Rows an earlier stage rejected
 keep their reason and get no score.
 
+As the embedding stage ``clip_score`` of ``vlm-curate run`` (``ClipScoreStageConfig``, section
+``embedding.clip_score``) it decides over the rows heuristics and dedup kept (``clip_score``);
+``vlm-curate bootstrap`` applies the same rule to a finished pool (``select_by_clip_score``).
+
 Rules (``ClipScoreConfig.rule``):
   threshold     keep cosine ≥ threshold                      reason clip_score_below_threshold
   top_fraction  keep the ceil(fraction · n) best-scoring     reason clip_score_not_in_top_fraction
@@ -13,13 +17,36 @@ Rules (``ClipScoreConfig.rule``):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from data_pipeline.config import ClipScoreConfig
+from data_pipeline.candidates import Candidates, Verdict
 
 REASONS = {"threshold": "clip_score_below_threshold", "top_fraction": "clip_score_not_in_top_fraction"}
+CLIP_SCORE_RULES = tuple(REASONS)
+
+
+@dataclass
+class ClipScoreConfig:
+    """``threshold``: keep cosine ≥ ``threshold`` (DataComp: ≥ 0.25–0.28 with ViT-B/32); ``top_fraction``:
+    keep the best-scoring ``top_fraction`` of the candidates (DataComp: top 30% by ViT-L/14)."""
+    rule: str = field(default="top_fraction", metadata={"choices": CLIP_SCORE_RULES})
+    threshold: float = field(default=0.25, metadata={"min": -1.0, "max": 1.0})
+    top_fraction: float = field(default=0.3, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
+class ClipScoreStageConfig(ClipScoreConfig):
+    enabled: bool = False
+
+
+def clip_score(candidates: Candidates, cfg: ClipScoreConfig) -> Verdict:
+    """The clip_score stage: the rule over the candidates' CLIP scores; ``flag_clip_score`` marks the rows it drops."""
+    passes, cutoff = passes_clip_score(pd.DataFrame({"uid": candidates.uid, "clip_score": candidates.clip_score}), cfg)
+    return Verdict.of(passes, REASONS[cfg.rule], {"flag_clip_score": ~passes},
+                      note=f"rule {cfg.rule}, cutoff {cutoff:.4f}")
 
 
 def passes_clip_score(scores: pd.DataFrame, cfg: ClipScoreConfig) -> tuple[np.ndarray, float]:

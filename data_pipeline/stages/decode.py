@@ -14,12 +14,13 @@ import re
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from data_pipeline.config import DecodeConfig
 from data_pipeline.stages.content_signature import content_signature
 
 THUMBNAIL_SIDE = 32
@@ -37,6 +38,12 @@ _ORIENTATION_FIX = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTAT
 _EXT_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP",
                 "tif": "TIFF", "tiff": "TIFF"}
 _SPACE = re.compile(r"\s+")
+
+
+@dataclass
+class DecodeConfig:
+    max_pixels: int = field(default=89_478_485, metadata={"min": 1})  # PIL's own bomb limit
+    max_caption_bytes: int = field(default=65_536, metadata={"min": 1})  # larger is not a caption
 
 
 @dataclass
@@ -152,6 +159,11 @@ def parse_metadata(raw: bytes | None) -> tuple[dict, str | None]:
     except (ValueError, RecursionError):  # RecursionError: hostile nesting ([[[[...]]]])
         return {}, "invalid_json"
     return (meta, None) if isinstance(meta, dict) else ({}, "invalid_json")
+
+
+def validator(cfg: DecodeConfig) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """The validate stage's batch function for a run (its config is all it needs)."""
+    return partial(validate, cfg=cfg)
 
 
 def validate(batch: pd.DataFrame, cfg: DecodeConfig) -> pd.DataFrame:

@@ -1,21 +1,21 @@
-"""Deduplication: exact (sha256 of the image bytes) and perceptual near duplicates.
+"""Deduplication, two global stages: exact (sha256 of the image bytes), then perceptual near duplicates.
 
-Both are global (every row must meet every other), so they run over compact columns, about 300
+Both must compare every row with every other, so they run over compact columns, about 300
 bytes a row (``Compact``: uid, sha256, a caption digest, pixel and byte counts, the 192-byte grid
 code); the thumbnails and content signatures that confirm a near-duplicate pair (5 kB a row) stay
 where they are (``FingerprintSource``) and only the verification tasks read them, the rows of their
 pairs at a time. The candidate search (``near_candidates``) and the verification
 (``near_duplicates``) run as the executor's tasks.
 
-Only rows that passed decode and heuristics take part: a rejected row must not remove the
-acceptable copy of itself. Keep-one rule, the same for both kinds: rows are ranked by pixel count
+Only rows that passed decode and heuristics take part (the stages' candidates), and near_dedup sees
+only what exact_dedup kept: a rejected row must not remove the acceptable copy of itself. Keep-one rule, the same for both kinds: rows are ranked by pixel count
 (larger first), then file bytes (larger first), then uid (smaller first); going down that ranking,
 a row is a duplicate when it matches a row already kept, and ``duplicate_of`` names that row.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -23,13 +23,37 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline import fingerprints as fingerprint_files
-from data_pipeline.config import DedupConfig
+from data_pipeline.candidates import Candidates, Verdict
 from data_pipeline.stages.content_signature import Signatures
 from data_pipeline.stages.decode import THUMBNAIL_SIDE
 from data_pipeline.stages.near_candidates import CellSearch, candidate_pairs, grid_codes
 from data_pipeline.stages.near_duplicates import Fingerprints, NearDuplicateSearch, grid, serial_map, verify
 
 VERIFY_PAIRS = 4096  # candidate pairs per verification task: bounds what one task holds (≈ 2 × 17 kB a pair)
+EXACT_REASONS = ("exact_duplicate_image", "exact_duplicate_pair")
+NEAR_DUPLICATE = "near_duplicate"
+DEDUP_COLUMNS = ["sha256", "caption", "width", "height", "file_bytes"]  # with the uid
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True  # same image bytes (sha256) → keep one
+    near: bool = True
+    # Near duplicates (re-encodes, resizes, crops up to `max_crop` a side): each row's `neighbours`
+    # nearest rows by a colour thumbnail are aligned to it (the smaller image searched as a window
+    # of the larger one); a pair is a duplicate when the aligned thumbnails differ by at most
+    # `max_residual` RMS (0-255 levels), after a cheaper grey pre-check at `coarse_residual`, and
+    # their content signatures (inside letterbox bars) differ by at most `max_content_distance`
+    # (0: equal contents, ≈1: unrelated ones). See data_pipeline/stages/near_duplicates.py.
+    neighbours: int = field(default=10, metadata={"min": 1})
+    max_crop: float = field(default=0.1, metadata={"min": 0.0, "max": 0.4})
+    coarse_residual: float = field(default=9.0, metadata={"min": 0.0})
+    max_residual: float = field(default=3.5, metadata={"min": 0.0})
+    max_content_distance: float = field(default=0.7, metadata={"min": 0.0})
+    # Candidate search (data_pipeline/stages/near_candidates.py): k-means cells of about `cell_rows`
+    # rows; a row's `neighbours` nearest are searched in the `probes` cells nearest its own.
+    cell_rows: int = field(default=512, metadata={"min": 1})
+    probes: int = field(default=12, metadata={"min": 1})
 
 
 @dataclass
@@ -40,12 +64,14 @@ class Compact:
     caption: np.ndarray  # uint64 digest of the caption: exact pairs compare captions
     pixels: np.ndarray  # int64
     file_bytes: np.ndarray  # int64
-    codes: np.ndarray  # (n, 192) uint8 grid codes (near_candidates)
+    codes: np.ndarray  # (n, 192) uint8 grid codes (near_candidates); (n, 0) where not needed
 
     @classmethod
     def concat(cls, pieces: list[Compact]) -> Compact:
-        return cls(*(np.concatenate([getattr(p, f) for p in pieces])
-                     for f in ("uid", "sha256", "caption", "pixels", "file_bytes", "codes")))
+        return cls(*(np.concatenate([getattr(p, f.name) for p in pieces]) for f in fields(cls)))
+
+    def take(self, rows: np.ndarray) -> Compact:
+        return Compact(*(getattr(self, f.name)[rows] for f in fields(self)))
 
     def __len__(self) -> int:
         return len(self.uid)
@@ -97,49 +123,92 @@ def keep_order(table: Compact) -> np.ndarray:
     return np.lexsort((table.uid, -table.file_bytes, -table.pixels))
 
 
+def exact_dedup(candidates: Candidates, cfg: DedupConfig) -> Verdict:
+    """The exact_dedup stage: the same image bytes (sha256) as a row kept before it."""
+    if not cfg.exact:
+        return Verdict.keep_all(len(candidates))
+    reason, duplicate_of = exact_duplicates(candidate_table(candidates))
+    return Verdict(reason, {"duplicate_of": duplicate_of})
+
+
+def near_dedup(candidates: Candidates, cfg: DedupConfig) -> Verdict:
+    """The near_dedup stage: re-encodes, resizes and crops of a row kept before it, confirmed on content."""
+    if not cfg.near:
+        return Verdict.keep_all(len(candidates))
+    source = OnDisk(candidates.parts.dir, candidates.parts.ids, candidates.part, candidates.row)
+    reason, duplicate_of = near_duplicates(candidate_table(candidates, codes=True), source, cfg,
+                                           candidates.map_shared, candidates.chunks)
+    return Verdict(reason, {"duplicate_of": duplicate_of})
+
+
+def candidate_table(candidates: Candidates, codes: bool = False) -> Compact:
+    """The candidates' compact columns, read part by part; their grid codes only when ``codes``."""
+    pieces, start = [], 0
+    for rows in candidates.columns(DEDUP_COLUMNS):
+        where = slice(start, start + len(rows))
+        rows.insert(0, "uid", candidates.uid[where])  # the candidates' own strings, not a second copy
+        grid_code = (fingerprint_files.gather(Path(candidates.parts.dir), candidates.parts.ids, candidates.part[where],
+                                              candidates.row[where], "code")
+                     if codes else np.zeros((len(rows), 0), np.uint8))
+        pieces.append(compact(rows, grid_code))
+        start += len(rows)
+    return Compact.concat(pieces)
+
+
 def find_duplicates(rows: pd.DataFrame, cfg: DedupConfig, map_shared: Callable = serial_map,
                     chunks: int = 1) -> pd.DataFrame:
-    """``rows``: eligible rows with uid, sha256, caption, width, height, file_bytes, thumbnail, signature,
-    all in memory. ``map_shared`` and ``chunks``: how the search and verification are spread.
+    """Both dedup stages over rows held in memory (tests, benchmarks): ``rows`` has uid, sha256, caption,
+    width, height, file_bytes, thumbnail, signature. ``map_shared`` and ``chunks``: how the search and
+    verification are spread.
 
     Returns uid, reason_dedup, duplicate_of for the rows found to be duplicates.
     """
     thumbnails = thumbnail_array(rows["thumbnail"])
-    source = InMemory(Fingerprints(thumbnails, Signatures.parse(rows["signature"])))
-    return duplicates_of(compact(rows, grid_codes(grid(thumbnails))), source, cfg, map_shared, chunks)
-
-
-def duplicates_of(table: Compact, source: FingerprintSource, cfg: DedupConfig, map_shared: Callable = serial_map,
-                  chunks: int = 1) -> pd.DataFrame:
-    """The rows of ``table`` (its fingerprints in ``source``, same order) found to be duplicates:
-    uid, reason_dedup, duplicate_of."""
-    order = keep_order(table)
-    uid = table.uid[order]
-    found: list[pd.DataFrame] = []
-    survivors = np.ones(len(order), dtype=bool)
-    if cfg.exact and len(order):
-        group = pd.factorize(table.sha256[order])[0]
-        head = np.unique(group, return_index=True)[1][group]  # each row's first position with its sha256
-        first = head != np.arange(len(order))
-        caption = table.caption[order]
-        same_caption = caption[first] == caption[head[first]]
-        found.append(pd.DataFrame({"uid": uid[first], "reason_dedup": np.where(
-            same_caption, "exact_duplicate_pair", "exact_duplicate_image"), "duplicate_of": uid[head[first]]}))
-        survivors &= ~first
+    fingerprints = InMemory(Fingerprints(thumbnails, Signatures.parse(rows["signature"])))
+    table = compact(rows, grid_codes(grid(thumbnails)))
+    reason, duplicate_of = np.full(len(table), None, object), np.full(len(table), None, object)
+    if cfg.exact:
+        reason, duplicate_of = exact_duplicates(table)
     if cfg.near:
-        candidates = np.flatnonzero(survivors)  # positions in keep order
-        rows = order[candidates]  # their rows in table / source
-        search = NearDuplicateSearch(cfg.neighbours, cfg.max_crop, cfg.coarse_residual, cfg.max_residual,
-                                     cfg.max_content_distance)
-        pairs = candidate_pairs(table.codes[rows], cfg.neighbours, CellSearch(cfg.cell_rows, cfg.probes),
-                                map_shared, chunks)
-        same = verified(pairs, rows, table.pixels, source, search, map_shared, chunks)
-        match = near_duplicate_of(pairs[same], len(candidates))
-        hit = match >= 0
-        found.append(pd.DataFrame({"uid": uid[candidates[hit]], "reason_dedup": "near_duplicate",
-                                   "duplicate_of": uid[candidates[match[hit]]]}))
-    frame = pd.concat(found, ignore_index=True) if found else pd.DataFrame()
-    return frame.reindex(columns=["uid", "reason_dedup", "duplicate_of"]).astype(object)
+        left = np.flatnonzero(pd.isna(reason))
+        reason[left], duplicate_of[left] = near_duplicates(table.take(left), InMemory(fingerprints.take(left)), cfg,
+                                                           map_shared, chunks)
+    found = pd.notna(reason)
+    return pd.DataFrame({"uid": table.uid[found], "reason_dedup": reason[found],
+                         "duplicate_of": duplicate_of[found]}).astype(object)
+
+
+def exact_duplicates(table: Compact) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``table``: its reason (exact_duplicate_pair when the captions match too, else
+    exact_duplicate_image; None when it is no copy) and the uid of the row it copies."""
+    order = keep_order(table)
+    group = pd.factorize(table.sha256[order])[0]
+    head = np.unique(group, return_index=True)[1][group]  # each row's first position with its sha256
+    copy = head != np.arange(len(order))
+    caption = table.caption[order]
+    same_caption = caption[copy] == caption[head[copy]]
+    reason, duplicate_of = np.full(len(table), None, object), np.full(len(table), None, object)
+    reason[order[copy]] = np.where(same_caption, "exact_duplicate_pair", "exact_duplicate_image")
+    duplicate_of[order[copy]] = table.uid[order[head[copy]]]
+    return reason, duplicate_of
+
+
+def near_duplicates(table: Compact, source: FingerprintSource, cfg: DedupConfig, map_shared: Callable = serial_map,
+                    chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``table`` (its fingerprints in ``source``, same order): near_duplicate or None, and the
+    uid of the row it duplicates."""
+    order = keep_order(table)
+    search = NearDuplicateSearch(cfg.neighbours, cfg.max_crop, cfg.coarse_residual, cfg.max_residual,
+                                 cfg.max_content_distance)
+    pairs = candidate_pairs(table.codes[order], cfg.neighbours, CellSearch(cfg.cell_rows, cfg.probes),
+                            map_shared, chunks)
+    same = verified(pairs, order, table.pixels, source, search, map_shared, chunks)
+    match = near_duplicate_of(pairs[same], len(order))
+    hit = match >= 0
+    reason, duplicate_of = np.full(len(table), None, object), np.full(len(table), None, object)
+    reason[order[hit]] = NEAR_DUPLICATE
+    duplicate_of[order[hit]] = table.uid[order[match[hit]]]
+    return reason, duplicate_of
 
 
 def verified(pairs: np.ndarray, rows: np.ndarray, pixels: np.ndarray, source: FingerprintSource,

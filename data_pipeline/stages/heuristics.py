@@ -9,16 +9,43 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from data_pipeline.config import ConfigError, HeuristicsConfig
+from vlmtrain.errors import ConfigError
 
 RULES = ("caption_chars", "caption_words", "image_side", "aspect_ratio", "image_bytes", "language",
          "repeated_words", "symbols", "caption_blocklist", "url_blocklist")
 UNDETERMINED = "und"
 _WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass
+class HeuristicsConfig:
+    """Every rule is named after its field; 0 (or an empty list) switches a limit off."""
+    min_caption_chars: int = field(default=6, metadata={"min": 0})  # DataComp basic: > 5 characters
+    max_caption_chars: int = field(default=0, metadata={"min": 0})
+    min_caption_words: int = field(default=3, metadata={"min": 0})  # DataComp basic: > 2 words
+    max_caption_words: int = field(default=0, metadata={"min": 0})
+    min_image_side: int = field(default=200, metadata={"min": 0})  # DataComp basic: ≥ 200 px
+    max_aspect_ratio: float = field(default=3.0, metadata={"min": 0.0})  # DataComp basic: ≤ 3
+    min_image_bytes: int = field(default=0, metadata={"min": 0})
+    # ISO 639-1 codes; "und" allows captions with too few letters to identify (e.g. "7").
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    # Languages the detector chooses among: fewer candidates, fewer mistakes on short captions.
+    language_candidates: list[str] = field(
+        default_factory=lambda: ["en", "es", "fr", "de", "it", "pt", "nl", "ru", "zh", "ja"])
+    # Short captions share words across languages: one with fewer than `language_full_letters` letters
+    # is rejected as another language only when lingua's confidence (0-1) in it beats the best
+    # allowed language by `language_margin` (LanguageIdentifier, below).
+    language_margin: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    language_full_letters: int = field(default=20, metadata={"min": 0})
+    max_repeated_word_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    max_symbol_fraction: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    caption_blocklist: list[str] = field(default_factory=list)  # case-insensitive whole words/phrases
+    url_blocklist: list[str] = field(default_factory=list)  # substrings of the URL (e.g. domains)
 
 
 def repeated_word_fraction(words: list[str]) -> float:

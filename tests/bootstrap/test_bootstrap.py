@@ -16,8 +16,8 @@ import pytest
 
 from data_pipeline.bootstrap import BootstrapError, Pool, run_bootstrap
 from data_pipeline.config import load_bootstrap_config, load_curate_config
+from data_pipeline.embed.jobs import read_shard
 from data_pipeline.pipeline import run as curate
-from data_pipeline.stages.embed import read_shard
 from tests.conftest import REPO, generate_corpus
 
 pytestmark = pytest.mark.e2e

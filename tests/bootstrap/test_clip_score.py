@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_pipeline.config import ClipScoreConfig
-from data_pipeline.stages.clip_score import REASONS, select_by_clip_score
+from data_pipeline.stages.clip_score import REASONS, ClipScoreConfig, select_by_clip_score
 
 
 def pool_decisions(n_kept: int = 50, n_rejected: int = 7) -> pd.DataFrame:

@@ -18,8 +18,8 @@ from webdataset import TarWriter
 from data_pipeline.bootstrap import write_pruned_shards
 from data_pipeline.cli import main as curate_main
 from data_pipeline.config import EmbedConfig, ModelSpec
-from data_pipeline.embedding import EmbedWorkers, embed_pool
-from data_pipeline.stages.embed import EmbedError, read_shard, shard_outputs
+from data_pipeline.embed.jobs import EmbedError, read_shard, shard_outputs
+from data_pipeline.embed.workers import EmbedWorkers, embed_pool
 from tests.conftest import REPO
 from tests.helpers import TINY_CLIP as TINY, build_clip as build_model
 from vlmtrain.checkpoint import write_export
@@ -94,9 +94,9 @@ def test_one_set_of_actors_serves_several_calls_and_refuses_another_model(tiny_m
     spec = ModelSpec(checkpoint=str(export))
     with EmbedWorkers(spec, QUIET) as workers:
         first = embed_pool(pool_shards[:2], tmp_path / "a", spec, QUIET, workers=workers)
-        actors = list(workers.actors)
+        actors = list(workers.pool.actors)
         second = embed_pool(pool_shards, tmp_path / "b", spec, QUIET, workers=workers)
-        assert workers.actors == actors and len(actors) == QUIET.workers  # no model loaded twice
+        assert workers.pool.actors == actors and len(actors) == QUIET.workers  # no model loaded twice
         with pytest.raises(ValueError, match="the workers run"):
             embed_pool(pool_shards[:1], tmp_path / "c", ModelSpec(open_clip_model=f"local-dir:{folder}"), QUIET,
                        workers=workers)

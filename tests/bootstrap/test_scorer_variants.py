@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 from webdataset import TarWriter
 
 from data_pipeline.config import EmbedConfig, ModelSpec, SparsifyConfig, load_bootstrap_config, load_curate_config
-from data_pipeline.embedding import MODEL_FILE, embed_pool
-from data_pipeline.stages.embed import EmbedError, read_shard
+from data_pipeline.embed.jobs import EmbedError, read_shard
+from data_pipeline.embed.workers import MODEL_FILE, embed_pool
 from tests.helpers import build_clip, clip_config
 from vlmtrain.checkpoint import write_export
 from vlmtrain.errors import ConfigError

@@ -21,9 +21,9 @@ from PIL import Image
 from data_pipeline.cli import format_funnel
 from data_pipeline.cli import main as curate_main
 from data_pipeline.config import load_curate_config
+from data_pipeline.embed.jobs import EmbedError
 from data_pipeline.pipeline import run
 from data_pipeline.report import histogram_columns, write_report
-from data_pipeline.stages.embed import EmbedError
 from tests.pipeline.conftest import CAPTIONS, encode, noise_image, write_tar
 from tests.helpers import TINY_CLIP as TINY, build_clip as build_model
 from vlmtrain.checkpoint import write_export

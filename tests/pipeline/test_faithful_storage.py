@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline.config import DecodeConfig
 from data_pipeline.shards import SHARD_COLUMNS, ShardPlan, write_shard
-from data_pipeline.stages.decode import validate
+from data_pipeline.stages.decode import DecodeConfig, validate
 from tests.pipeline.conftest import encode, noise_image
 
 ORIENTATION = 0x0112  # the EXIF tag

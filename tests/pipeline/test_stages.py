@@ -8,16 +8,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from data_pipeline.config import ConfigError, DecodeConfig, DedupConfig, HeuristicsConfig, SourceConfig, \
-    load_curate_config
-from data_pipeline.registry import Stage, run_stages
+from data_pipeline.config import SourceConfig, load_curate_config
+from data_pipeline.registry import GLOBAL, Stage, run_stages
 from data_pipeline.select import decide, funnel
 from data_pipeline.sources import list_parts, read_part
-from data_pipeline.stages.decode import check_image, decode_caption, normalize_caption, validate
-from data_pipeline.stages.dedup import find_duplicates, near_duplicate_of
-from data_pipeline.stages.heuristics import RULES, Heuristics, repeated_word_fraction, symbol_fraction
+from data_pipeline.stages.decode import DecodeConfig, check_image, decode_caption, normalize_caption, validate
+from data_pipeline.stages.dedup import DedupConfig, find_duplicates, near_duplicate_of
+from data_pipeline.stages.heuristics import (RULES, Heuristics, HeuristicsConfig, repeated_word_fraction,
+                                             symbol_fraction)
 from tests.conftest import run_tool
 from tests.pipeline.conftest import bad_samples, encode, noise_image
+from tests.pipeline.toy_stages import CaptionRepeatsConfig, caption_repeats
+from vlmtrain.errors import ConfigError
 
 
 def raw_rows(bad_input_dir, fmt: str, path: str) -> pd.DataFrame:
@@ -213,7 +215,7 @@ def test_selection_gives_the_first_reason_in_pipeline_order_and_counts_add_up():
         rows[column] = None
     for rule in RULES:
         rows[f"flag_{rule}"] = [False, rule == "caption_chars", rule == "language", False]
-    decisions = decide(rows, pd.DataFrame({"uid": ["d"], "reason_dedup": ["near_duplicate"], "duplicate_of": ["a"]}))
+    decisions = decide(rows, pd.DataFrame({"uid": ["d"], "reason_global": ["near_duplicate"], "duplicate_of": ["a"]}))
     assert list(decisions["reason"].fillna("kept")) == ["kept", "empty_image", "language", "near_duplicate"]
     counts = funnel(decisions)
     assert counts["rows"] == {"read": 4, "validate": 3, "heuristics": 2, "exact_dedup": 2, "near_dedup": 1, "kept": 1}
@@ -222,7 +224,8 @@ def test_selection_gives_the_first_reason_in_pipeline_order_and_counts_add_up():
 
 def test_the_funnel_is_the_registry_order_and_a_new_stage_counts_with_its_entry_alone():
     # A toy stage after near-duplicate removal: its registry entry is all the funnel needs.
-    toy = Stage("toy_filter", "toy", ("toy_reason",), "a stage this test adds")
+    toy = Stage("toy_filter", "toy", CaptionRepeatsConfig, ("toy_reason",), "a stage this test adds", GLOBAL,
+                caption_repeats)
     decisions = pd.DataFrame({"reason": [None, "unreadable_tar: boom", "language", "near_duplicate", "toy_reason"]})
     decisions["kept"] = decisions["reason"].isna()
     for rule in RULES:
@@ -235,7 +238,8 @@ def test_the_funnel_is_the_registry_order_and_a_new_stage_counts_with_its_entry_
     enabled = load_curate_config(None, ["output_dir=x", "sources=[{path: a}]", "embedding.model.checkpoint=m",
                                         "embedding.balance.enabled=true", "embedding.balance.target_size=10",
                                         "embedding.copy_dedup.enabled=true"])
-    assert [s.name for s in run_stages(enabled.embedding)][4:] == ["copy_dedup", "balance"]
+    assert [s.name for s in run_stages(enabled, embedded=True)][4:] == ["copy_dedup", "balance"]
+    assert [s.name for s in run_stages(enabled, embedded=False)] == [s.name for s in run_stages()]
 
 
 def test_config_errors_name_the_key(tmp_path):

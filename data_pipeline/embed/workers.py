@@ -1,12 +1,11 @@
-"""Run the embed stage over a pool on long-lived model workers: resumable, with images/s.
+"""The worker loop of the embed step: jobs over long-lived model workers, resumable, with images/s.
 
-``EmbedWorkers`` holds the model workers: Ray actors (or, for debugging, this process), each
-loading the model once with its own eval transform and tokenizer and then embedding whole jobs:
-shards, or rows of a curation run's scored parts (see ``data_pipeline.stages.embed`` for the files a
-job produces). Loading the model costs seconds per actor, so one set of workers serves every
-``embed_pool`` call made with it (a pool, then its eval and seed sets). Jobs go to whichever actor is
-free (``ray.util.ActorPool``); the actors read their inputs and write their outputs themselves, so
-only job descriptions and summaries travel through Ray.
+``EmbedWorkers`` holds the model workers, which the executor runs (Ray actors, or this process):
+each loads the model once with its own eval transform and tokenizer and then embeds whole jobs
+(``jobs``; ``forward.embed_job`` writes a job's files). Loading the model costs seconds per
+worker, so one set of workers serves every ``embed_pool`` call made with it (a pool, then its eval
+and seed sets). The workers read their inputs and write their outputs themselves, so only job
+descriptions and summaries travel between processes.
 
 A rerun embeds only the jobs without a finished index file. ``OUT/model.json`` records the model (and
 the scorer variant, ``data_pipeline.scorer_variants``, unless exact): embeddings made by a different
@@ -25,9 +24,10 @@ from typing import Callable, Iterator
 import pandas as pd
 from tqdm import tqdm
 
-from data_pipeline.config import EmbedConfig, ModelSpec
-from data_pipeline.ray_runtime import ensure_ray
-from data_pipeline.stages.embed import EmbedError, EmbedJob, embed_job, job_outputs
+from data_pipeline.config import EmbedConfig, ModelSpec, RayConfig
+from data_pipeline.embed.forward import embed_job
+from data_pipeline.embed.jobs import EmbedError, EmbedJob, job_outputs
+from data_pipeline.executor import Executor, make_executor
 from vlmtrain import atomic
 from vlmtrain.runlock import LOCK_FILE
 
@@ -66,13 +66,13 @@ class JobEmbedder:
 
 
 class EmbedWorkers:
-    """Up to ``cfg.workers`` model workers for one model, started on first use and kept until ``close``."""
+    """Up to ``cfg.workers`` model workers for one model, started on first use and kept until ``close``;
+    on ``executor`` (a run's), or by default on an executor of their own (Ray unless not ``use_ray``)."""
 
-    def __init__(self, spec: ModelSpec, cfg: EmbedConfig, use_ray: bool = True):
+    def __init__(self, spec: ModelSpec, cfg: EmbedConfig, use_ray: bool = True, executor: Executor | None = None):
         self.spec, self.cfg, self.use_ray = spec, cfg, use_ray
-        self.actors: list = []
-        self.local: JobEmbedder | None = None
-        self.started_ray = False
+        self.executor, self.own_executor = executor, executor is None
+        self.pool = None
 
     def __enter__(self) -> EmbedWorkers:
         return self
@@ -82,40 +82,24 @@ class EmbedWorkers:
 
     def run(self, jobs: list[EmbedJob], out: Path) -> Iterator[dict]:
         """Each job's summary as it finishes (in completion order)."""
-        if not self.use_ray:
-            self.local = self.local or JobEmbedder(*self._worker_args())
-            for job in jobs:
-                yield self.local.embed(job.to_json(), str(out))
-            return
-        from ray.util import ActorPool
-
-        self._start_actors(min(self.cfg.workers, len(jobs)))
-        pool = ActorPool(self.actors)
-        yield from pool.map_unordered(lambda actor, job: actor.embed.remote(job.to_json(), str(out)), jobs)
-
-    def _start_actors(self, wanted: int) -> None:
-        import ray
-
-        self.started_ray = ensure_ray(self.cfg.num_cpus) or self.started_ray
-        # Fractional CPUs: the actors share a small machine with the curation's own Ray tasks.
-        remote = ray.remote(num_cpus=self.cfg.cpus_per_worker)(JobEmbedder)
-        self.actors += [remote.remote(*self._worker_args()) for _ in range(wanted - len(self.actors))]
+        if self.pool is None:
+            self.executor = self.executor or make_executor(RayConfig(num_cpus=self.cfg.num_cpus), self.use_ray)
+            # Fractional CPUs: the workers share a small machine with the curation's own Ray tasks.
+            self.pool = self.executor.workers(JobEmbedder, self._worker_args(), self.cfg.workers,
+                                              self.cfg.cpus_per_worker)
+        yield from self.pool.map("embed", [(job.to_json(), str(out)) for job in jobs])
 
     def _worker_args(self) -> tuple:
         variant = {"precision": self.cfg.precision, "sparsify": asdict(self.cfg.sparsify)}
         return asdict(self.spec), self.cfg.batch_size, self.cfg.threads_per_worker, variant
 
     def close(self) -> None:
-        if self.actors:
-            import ray
-
-            for actor in self.actors:
-                ray.kill(actor)
-            self.actors = []
-            if self.started_ray:
-                ray.shutdown()
-                self.started_ray = False
-        self.local = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.own_executor and self.executor is not None:
+            self.executor.close()
+            self.executor = None
 
 
 def embed_pool(jobs: list[str] | list[EmbedJob], out_dir: str | Path, spec: ModelSpec, cfg: EmbedConfig,
