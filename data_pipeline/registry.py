@@ -2,7 +2,8 @@
 config, the funnel, the reasons table, ``vlm-curate --help`` and the report are all read from it.
 
 A stage declares its name (its step in the funnel), its config section (a dotted path in the curate
-YAML) and that section's dataclass (the YAML schema, declared in the stage's module; ``config``
+YAML) and that section's dataclass (the YAML schema, declared in the stage's module, or for an
+embedding stage in the ``vector`` module it calls, whose functions take that same object; ``config``
 builds the section from it), the reasons it records on the rows it rejects, one line for ``--help``,
 and its kind and function:
 
@@ -36,20 +37,20 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from data_pipeline.stages.balance import BalanceStageConfig, balance
+from data_pipeline.stages.balance import balance
 from data_pipeline.stages.clip_score import REASONS as CLIP_SCORE_REASONS, ClipScoreStageConfig, clip_score
-from data_pipeline.stages.copy_dedup import CopyDedupStageConfig, copy_dedup
+from data_pipeline.stages.copy_dedup import copy_dedup
 from data_pipeline.stages.decode import DecodeConfig, validator
-from data_pipeline.stages.decontaminate import DecontaminateStageConfig, decontaminate
+from data_pipeline.stages.decontaminate import decontaminate
 from data_pipeline.stages.dedup import EXACT_REASONS, NEAR_DUPLICATE, DedupConfig, exact_dedup, near_dedup
 from data_pipeline.stages.heuristics import RULES, Heuristics, HeuristicsConfig
-from data_pipeline.stages.retrieval import RetrievalStageConfig, retrieval
-from data_pipeline.stages.semdedup import SemDedupStageConfig, semdedup
-from data_pipeline.vector.balance import REASON as NOT_SAMPLED
-from data_pipeline.vector.copy_dedup import REASON as COPY_DUPLICATE
-from data_pipeline.vector.decontaminate import REASON as EVAL_CONTAMINATION
-from data_pipeline.vector.retrieval import REASON as NOT_RETRIEVED
-from data_pipeline.vector.semdedup import REASON as SEMANTIC_DUPLICATE
+from data_pipeline.stages.retrieval import retrieval
+from data_pipeline.stages.semdedup import semdedup
+from data_pipeline.vector.balance import REASON as NOT_SAMPLED, BalanceConfig
+from data_pipeline.vector.copy_dedup import REASON as COPY_DUPLICATE, CopyDedupConfig
+from data_pipeline.vector.decontaminate import REASON as EVAL_CONTAMINATION, DecontaminateConfig
+from data_pipeline.vector.retrieval import REASON as NOT_RETRIEVED, RetrievalConfig
+from data_pipeline.vector.semdedup import REASON as SEMANTIC_DUPLICATE, SemDedupConfig
 
 ROW, GLOBAL, EMBEDDING = "row", "global", "embedding"
 
@@ -80,15 +81,15 @@ STAGES: tuple[Stage, ...] = (
           "content)", GLOBAL, near_dedup),
     Stage("clip_score", "embedding.clip_score", ClipScoreStageConfig, tuple(CLIP_SCORE_REASONS.values()),
           "image-text CLIP score: a threshold or a top fraction", EMBEDDING, clip_score),
-    Stage("copy_dedup", "embedding.copy_dedup", CopyDedupStageConfig, (COPY_DUPLICATE,),
+    Stage("copy_dedup", "embedding.copy_dedup", CopyDedupConfig, (COPY_DUPLICATE,),
           "copies by image embedding (k-NN graph)", EMBEDDING, copy_dedup),
-    Stage("semdedup", "embedding.semdedup", SemDedupStageConfig, (SEMANTIC_DUPLICATE,),
+    Stage("semdedup", "embedding.semdedup", SemDedupConfig, (SEMANTIC_DUPLICATE,),
           "semantic duplicates within k-means clusters", EMBEDDING, semdedup),
-    Stage("decontaminate", "embedding.decontaminate", DecontaminateStageConfig, (EVAL_CONTAMINATION,),
+    Stage("decontaminate", "embedding.decontaminate", DecontaminateConfig, (EVAL_CONTAMINATION,),
           "near copies of eval images", EMBEDDING, decontaminate, references="eval_sets"),
-    Stage("retrieval", "embedding.retrieval", RetrievalStageConfig, (NOT_RETRIEVED,), "keep what seed sets retrieve",
+    Stage("retrieval", "embedding.retrieval", RetrievalConfig, (NOT_RETRIEVED,), "keep what seed sets retrieve",
           EMBEDDING, retrieval, references="seed_sets"),
-    Stage("balance", "embedding.balance", BalanceStageConfig, (NOT_SAMPLED,), "balanced sampling over clusters",
+    Stage("balance", "embedding.balance", BalanceConfig, (NOT_SAMPLED,), "balanced sampling over clusters",
           EMBEDDING, balance),
 )
 

@@ -47,7 +47,7 @@ import time  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_pipeline.vector import CopyDedupConfig, GraphConfig, copy_dedup  # noqa: E402
+from data_pipeline.vector import GraphConfig, copy_dedup  # noqa: E402
 
 
 def synthetic_pool(n: int, dim: int, clusters: int, copy_fraction: float, seed: int) -> np.ndarray:
@@ -81,7 +81,7 @@ def main() -> None:
     load_before = os.getloadavg()
 
     cpu0, start = cpu_seconds(), time.perf_counter()
-    result = copy_dedup(x, CopyDedupConfig(graph=GraphConfig(join_nprobe=ARGS.join_nprobe, progress=True)))
+    result = copy_dedup(x, graph=GraphConfig(join_nprobe=ARGS.join_nprobe, progress=True))
     dedup_s, dedup_cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     load_after = os.getloadavg()

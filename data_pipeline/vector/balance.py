@@ -16,32 +16,47 @@ centroid. Sizes are counts of samples under a cluster.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from data_pipeline.vector.kmeans import Clustering, assign, kmeans
 from data_pipeline.vector.results import PerSampleResult, reasons, summary
-from data_pipeline.vector.retrieval import pick_members
+from data_pipeline.vector.retrieval import PICKS, pick_members
 from data_pipeline.vector.validation import (ClippedWarning, VectorInputError, embedding_matrix,
                                              positive_int)
+from vlmtrain.errors import ConfigError
 
 REASON = "not_sampled"
+RESAMPLE_PICKS = ("closest", "random")
 
 
 @dataclass(frozen=True)
-class HierarchicalKMeansConfig:
-    n_clusters: tuple[int, ...] = (100, 10)   # level 1 (over samples) first, top level last
-    resample_size: tuple[int, ...] = (10, 3)  # points per cluster in each level's resampling steps
-    resampling_steps: int = 10
-    resample_pick: Literal["closest", "random"] = "closest"
-    spherical: bool = False                   # ssl-data-curation uses L2 k-means
-    kmeans_iterations: int = 20
+class BalanceConfig:
+    """Hierarchical k-means with resampling, then a balanced sample of ``target_size`` (section
+    ``embedding.balance``): ``hierarchical_kmeans`` reads the clustering fields, ``balanced_sampling``
+    ``target_size``, ``pick`` and ``seed``."""
+    enabled: bool = False  # read by the pipeline, which runs the stage only when true
+    target_size: int = field(default=0, metadata={"min": 0})  # required (>= 1) when enabled
+    n_clusters: list[int] = field(default_factory=lambda: [100, 10])  # level 1 (over samples) first, top level last
+    resample_size: list[int] = field(default_factory=lambda: [10, 3])  # points per cluster in each level's resampling
+    resampling_steps: int = field(default=10, metadata={"min": 0})
+    resample_pick: str = field(default="closest", metadata={"choices": RESAMPLE_PICKS})
+    spherical: bool = False  # ssl-data-curation uses L2 k-means
+    kmeans_iterations: int = field(default=20, metadata={"min": 1})
+    pick: str = field(default="random", metadata={"choices": PICKS})  # how the level-1 clusters' quota is drawn
     seed: int = 0
-    gpu: bool | None = None
-    progress: bool = False
+
+    def check(self, key: str) -> None:
+        if not self.enabled:
+            return
+        if self.target_size < 1:
+            raise ConfigError(f"'{key}.target_size' must be >= 1 when balance is enabled")
+        if not self.n_clusters or len(self.resample_size) != len(self.n_clusters):
+            raise ConfigError(f"'{key}.resample_size' needs one value per level of '{key}.n_clusters' "
+                              f"({self.n_clusters}), got {self.resample_size}")
+        if min(self.n_clusters + self.resample_size) < 1:
+            raise ConfigError(f"'{key}.n_clusters' and 'resample_size' must be positive")
 
 
 @dataclass
@@ -64,13 +79,13 @@ class Hierarchy:
         return np.stack(path, axis=1)
 
 
-def hierarchical_kmeans(embeddings: np.ndarray, cfg: HierarchicalKMeansConfig = HierarchicalKMeansConfig()) -> Hierarchy:
+def hierarchical_kmeans(embeddings: np.ndarray, cfg: BalanceConfig = BalanceConfig()) -> Hierarchy:
     """Multi-level k-means with resampling steps over the rows of ``embeddings`` (normalized here)."""
     x = embedding_matrix(embeddings, "embeddings")
     if len(cfg.n_clusters) == 0 or len(cfg.resample_size) != len(cfg.n_clusters):
         raise VectorInputError("resample_size", f"needs one value per level ({len(cfg.n_clusters)} levels), "
                                f"got {cfg.resample_size!r}")
-    if cfg.resample_pick not in ("closest", "random"):
+    if cfg.resample_pick not in RESAMPLE_PICKS:
         raise VectorInputError("resample_pick", f"must be closest or random, got {cfg.resample_pick!r}")
     levels: list[Clustering] = []
     points = x
@@ -78,7 +93,7 @@ def hierarchical_kmeans(embeddings: np.ndarray, cfg: HierarchicalKMeansConfig = 
         argument = f"n_clusters[{depth}]"
         clustering = _kmeans(points, n_clusters, cfg, cfg.seed + depth, argument)
         steps = cfg.resampling_steps if resample_size > 1 else 0
-        for step in tqdm(range(steps), desc=f"level {depth + 1} resampling", disable=not cfg.progress):
+        for step in range(steps):
             sample = _resample(clustering, resample_size, cfg.resample_pick, (cfg.seed, depth, step))
             with warnings.catch_warnings():  # the resample may be smaller than n_clusters: k-means clips it
                 warnings.simplefilter("ignore", ClippedWarning)
@@ -92,7 +107,7 @@ def hierarchical_kmeans(embeddings: np.ndarray, cfg: HierarchicalKMeansConfig = 
 
 def _kmeans(points, n_clusters, cfg, seed, argument) -> Clustering:
     return kmeans(points, n_clusters, spherical=cfg.spherical, niter=cfg.kmeans_iterations, seed=seed,
-                  gpu=cfg.gpu, argument=argument)
+                  argument=argument)
 
 
 def _resample(clustering: Clustering, size: int, pick: str, key: tuple[int, ...]) -> np.ndarray:
@@ -103,13 +118,6 @@ def _resample(clustering: Clustering, size: int, pick: str, key: tuple[int, ...]
     return np.sort(np.concatenate(chosen))
 
 
-@dataclass(frozen=True)
-class BalancedSamplingConfig:
-    target_size: int
-    pick: Literal["random", "closest"] = "random"
-    seed: int = 0
-
-
 @dataclass
 class BalancedSamplingResult(PerSampleResult):
     leaf_cluster: np.ndarray   # (n,) int64 level-1 cluster
@@ -118,9 +126,9 @@ class BalancedSamplingResult(PerSampleResult):
     quotas: list[np.ndarray] = summary()  # per level, samples drawn from each cluster
 
 
-def balanced_sampling(hierarchy: Hierarchy, cfg: BalancedSamplingConfig) -> BalancedSamplingResult:
+def balanced_sampling(hierarchy: Hierarchy, cfg: BalanceConfig) -> BalancedSamplingResult:
     """Top-down balanced selection of ``cfg.target_size`` samples from a hierarchy."""
-    if cfg.pick not in ("random", "closest"):
+    if cfg.pick not in PICKS:
         raise VectorInputError("pick", f"must be random or closest, got {cfg.pick!r}")
     counts = hierarchy.sample_counts()
     n = int(counts[0].sum())

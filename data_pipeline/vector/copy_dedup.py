@@ -21,9 +21,10 @@ REASON = "copy_duplicate"
 
 @dataclass(frozen=True)
 class CopyDedupConfig:
-    k: int = 64
-    threshold: float = 0.6  # an edge needs cosine strictly above this
-    graph: GraphConfig = field(default_factory=GraphConfig)
+    """DINOv2 copy detection: k-NN graph, edges above ``threshold`` (section ``embedding.copy_dedup``)."""
+    enabled: bool = False  # read by the pipeline, which runs the stage only when true
+    k: int = field(default=64, metadata={"min": 1})
+    threshold: float = field(default=0.6, metadata={"min": -1.0, "max": 1.0})  # edges: cosine strictly above
 
 
 @dataclass
@@ -35,14 +36,15 @@ class CopyDedupResult(PerSampleResult):
     graph: SimilarityGraph = summary()
 
 
-def copy_dedup(embeddings: np.ndarray, cfg: CopyDedupConfig = CopyDedupConfig(),
-               quality: np.ndarray | None = None) -> CopyDedupResult:
-    """Group copies among the rows of ``embeddings`` (normalized here) and keep one per group."""
+def copy_dedup(embeddings: np.ndarray, cfg: CopyDedupConfig = CopyDedupConfig(), quality: np.ndarray | None = None,
+               graph: GraphConfig = GraphConfig()) -> CopyDedupResult:
+    """Group copies among the rows of ``embeddings`` (normalized here) and keep one per group; ``graph``: how
+    the neighbours are found (a FAISS index or the cell join, ``vector.graph``)."""
     x = embedding_matrix(embeddings, "embeddings")
     n = len(x)
     quality = per_sample(quality, n, "quality")
-    graph = similarity_graph(x, cfg.k, cfg.threshold, cfg.graph)
-    adjacency = coo_matrix((np.ones(len(graph.rows), np.int8), (graph.rows, graph.cols)), shape=(n, n))
+    edges = similarity_graph(x, cfg.k, cfg.threshold, graph)
+    adjacency = coo_matrix((np.ones(len(edges.rows), np.int8), (edges.rows, edges.cols)), shape=(n, n))
     _, component = connected_components(adjacency, directed=False)
     component = component.astype(np.int64)
     representative = representatives(component, quality)
@@ -51,7 +53,7 @@ def copy_dedup(embeddings: np.ndarray, cfg: CopyDedupConfig = CopyDedupConfig(),
     return CopyDedupResult(keep=keep, reason=reasons(keep, REASON), component=component,
                            component_size=np.bincount(component)[component],
                            representative=representative, similarity_to_representative=similarity,
-                           graph=graph)
+                           graph=edges)
 
 
 def representatives(group: np.ndarray, quality: np.ndarray | None) -> np.ndarray:

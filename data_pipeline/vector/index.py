@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import faiss
 import numpy as np
 
 from data_pipeline.vector.validation import VectorInputError, clipped, embedding_matrix
 
-IndexKind = Literal["auto", "flat", "ivf_flat", "ivf_pq"]
+INDEX_KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
 MIN_POINTS_PER_LIST = 39
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    kind: IndexKind = "auto"
+    kind: str = "auto"               # one of INDEX_KINDS
     flat_max: int = 100_000          # "auto" uses an exact Flat index up to this many vectors
     nlist: int | None = None         # IVF lists; None: default_nlist(n)
     nprobe: int | None = None        # IVF lists scanned per query; None: default_nprobe(nlist)
@@ -56,8 +55,8 @@ def gpu_wanted(cfg: IndexConfig) -> bool:
 
 
 def resolve_kind(n: int, cfg: IndexConfig) -> str:
-    if cfg.kind not in ("auto", "flat", "ivf_flat", "ivf_pq"):
-        raise VectorInputError("index.kind", f"must be auto, flat, ivf_flat or ivf_pq, got {cfg.kind!r}")
+    if cfg.kind not in INDEX_KINDS:
+        raise VectorInputError("index.kind", f"must be one of {', '.join(INDEX_KINDS)}, got {cfg.kind!r}")
     if cfg.kind == "auto":
         return "flat" if n <= cfg.flat_max else "ivf_flat"
     return cfg.kind

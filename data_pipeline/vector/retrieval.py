@@ -13,27 +13,47 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
-from tqdm import tqdm
 
-from data_pipeline.vector.index import IndexConfig, build_index
+from data_pipeline.vector.index import INDEX_KINDS, IndexConfig, build_index
 from data_pipeline.vector.kmeans import assign, kmeans
 from data_pipeline.vector.results import PerSampleResult, reasons, summary
 from data_pipeline.vector.validation import (NoNeighboursWarning, VectorInputError, embedding_matrix,
                                              positive_int, same_width, unit_interval)
+from vlmtrain.errors import ConfigError
 
 REASON = "not_retrieved"
 _QUERY_BLOCK = 65536
+_KMEANS_ITERATIONS = 20  # cluster mode's k-means (not a YAML key, unlike semdedup's and balance's)
+MODES = ("sample", "cluster")
+PICKS = ("random", "closest")
 
 
 @dataclass(frozen=True)
-class SampleRetrievalConfig:
-    k: int = 8
+class RetrievalConfig:
+    """LVD-142M retrieval: keep only the pool images the seed sets retrieve (section ``embedding.retrieval``).
+    ``retrieve_by_sample`` reads the sample-mode fields, ``retrieve_by_cluster`` the cluster-mode ones."""
+    enabled: bool = False  # read by the pipeline, which runs the stage only when true
+    mode: str = field(default="sample", metadata={"choices": MODES})  # read by the pipeline: which function
+    # Read by the pipeline: folders, as DecontaminateConfig.eval_sets; each is embedded and passed as ``seeds``.
+    seed_sets: list[str] = field(default_factory=list)
+    # sample mode: each seed image's k nearest pool images (above min_similarity when set)
+    k: int = field(default=8, metadata={"min": 1})
     min_similarity: float | None = None
-    index: IndexConfig = field(default_factory=IndexConfig)
-    progress: bool = False
+    # the pool's index: auto = exact Flat up to 100k images, IVF-Flat above; ivf_pq compresses huge pools
+    index: str = field(default="auto", metadata={"choices": INDEX_KINDS})
+    # cluster mode: clusters holding more than min_seeds seeds give per_cluster images each, max_total in all
+    n_clusters: int = field(default=1000, metadata={"min": 1})  # LVD-142M: 100k clusters over a 1.2B pool
+    min_seeds: int = field(default=3, metadata={"min": 0})
+    per_cluster: int = field(default=10_000, metadata={"min": 1})
+    max_total: int = field(default=1_000_000, metadata={"min": 1})  # cap per seed set
+    pick: str = field(default="random", metadata={"choices": PICKS})
+    seed: int = 0
+
+    def check(self, key: str) -> None:
+        if self.enabled and not self.seed_sets:
+            raise ConfigError(f"'{key}.seed_sets' needs at least one folder when retrieval is enabled")
 
 
 @dataclass
@@ -50,18 +70,18 @@ class SampleRetrievalResult(PerSampleResult):
 
 
 def retrieve_by_sample(pool: np.ndarray, seeds: np.ndarray,
-                       cfg: SampleRetrievalConfig = SampleRetrievalConfig()) -> SampleRetrievalResult:
+                       cfg: RetrievalConfig = RetrievalConfig()) -> SampleRetrievalResult:
     """Select the k nearest pool images of every seed (inputs normalized here)."""
     pool = embedding_matrix(pool, "pool")
     seeds = embedding_matrix(seeds, "seeds")
     same_width(pool, "pool", seeds, "seeds")
     floor = -np.inf if cfg.min_similarity is None else unit_interval(cfg.min_similarity, "min_similarity")
-    index = build_index(pool, cfg.index, argument="pool")
+    index = build_index(pool, IndexConfig(kind=cfg.index), argument="pool")
     seed_hits = np.zeros(len(pool), np.int64)
     best_similarity = np.full(len(pool), -np.inf, np.float32)
     best_seed = np.full(len(pool), -1, np.int64)
     per_seed = np.zeros(len(seeds), np.int64)
-    for start in tqdm(range(0, len(seeds), _QUERY_BLOCK), desc="retrieve", disable=not cfg.progress):
+    for start in range(0, len(seeds), _QUERY_BLOCK):
         sims, ids = index.search(seeds[start:start + _QUERY_BLOCK], cfg.k)
         hit = (ids >= 0) & (sims >= floor)
         per_seed[start:start + len(ids)] = hit.sum(axis=1)
@@ -85,18 +105,6 @@ def retrieve_by_sample(pool: np.ndarray, seeds: np.ndarray,
                                  best_seed=best_seed, best_similarity=best_similarity, per_seed=per_seed)
 
 
-@dataclass(frozen=True)
-class ClusterRetrievalConfig:
-    n_clusters: int = 1000          # LVD-142M: 100k clusters over a 1.2B pool
-    min_seeds: int = 3              # a cluster contributes when it holds MORE than this many seeds
-    per_cluster: int = 10_000
-    max_total: int = 1_000_000      # cap per seed set
-    pick: Literal["random", "closest"] = "random"
-    kmeans_iterations: int = 20
-    seed: int = 0
-    gpu: bool | None = None
-
-
 @dataclass
 class ClusterRetrievalResult(PerSampleResult):
     cluster: np.ndarray              # (n_pool,) int64 pool image's cluster
@@ -108,17 +116,16 @@ class ClusterRetrievalResult(PerSampleResult):
 
 
 def retrieve_by_cluster(pool: np.ndarray, seeds: np.ndarray,
-                        cfg: ClusterRetrievalConfig = ClusterRetrievalConfig()) -> ClusterRetrievalResult:
+                        cfg: RetrievalConfig = RetrievalConfig()) -> ClusterRetrievalResult:
     """Select pool images from the clusters the seed set falls into (inputs normalized here)."""
     pool = embedding_matrix(pool, "pool")
     seeds = embedding_matrix(seeds, "seeds")
     same_width(pool, "pool", seeds, "seeds")
-    if cfg.pick not in ("random", "closest"):
+    if cfg.pick not in PICKS:
         raise VectorInputError("pick", f"must be random or closest, got {cfg.pick!r}")
     per_cluster = positive_int(cfg.per_cluster, "per_cluster")
     max_total = positive_int(cfg.max_total, "max_total")
-    clustering = kmeans(pool, cfg.n_clusters, spherical=True, niter=cfg.kmeans_iterations, seed=cfg.seed,
-                        gpu=cfg.gpu)
+    clustering = kmeans(pool, cfg.n_clusters, spherical=True, niter=_KMEANS_ITERATIONS, seed=cfg.seed)
     seed_counts = np.bincount(assign(seeds, clustering.centroids).assignment, minlength=clustering.n_clusters)
     quota = cluster_quotas(seed_counts, clustering.sizes(), cfg.min_seeds, per_cluster, max_total)
     if not quota.any():

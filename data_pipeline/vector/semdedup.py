@@ -4,18 +4,16 @@ Spherical k-means splits the pool; inside each cluster the members are ranked by
 member is removed when its cosine to a higher-ranked member exceeds 1 − ε.
 
 - ``keep="hardest"`` (the paper's choice) ranks the member farthest from the centroid first,
-  ``"easiest"`` the closest first, ``"score"`` the highest given score first; ties → smaller row.
+  ``"easiest"`` the closest first, ``"clip_score"`` the highest given CLIP score first; ties → smaller row.
 - ``compare_with="all"`` is the paper's rule: any higher-ranked member counts, removed or not.
   ``"kept"`` is the greedy variant: only members already kept count, so a chain a≈b≈c with a≉c
   keeps a and c.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from data_pipeline.vector.kmeans import kmeans
 from data_pipeline.vector.results import PerSampleResult, reasons, summary
@@ -23,18 +21,20 @@ from data_pipeline.vector.validation import VectorInputError, embedding_matrix, 
 
 REASON = "semantic_duplicate"
 _ROW_BLOCK = 4096
+KEEP_RULES = ("hardest", "easiest", "clip_score")
+COMPARE_WITH = ("all", "kept")
 
 
 @dataclass(frozen=True)
 class SemDedupConfig:
-    n_clusters: int = 100
-    epsilon: float = 0.05                                   # removed when cosine > 1 − epsilon
-    keep: Literal["hardest", "easiest", "score"] = "hardest"
-    compare_with: Literal["all", "kept"] = "all"
-    kmeans_iterations: int = 20
+    """SemDeDup within spherical k-means clusters (section ``embedding.semdedup``)."""
+    enabled: bool = False  # read by the pipeline, which runs the stage only when true
+    n_clusters: int = field(default=100, metadata={"min": 1})
+    epsilon: float = field(default=0.05, metadata={"min": 0.0, "max": 2.0})  # removed when cosine > 1 − epsilon
+    keep: str = field(default="hardest", metadata={"choices": KEEP_RULES})
+    compare_with: str = field(default="all", metadata={"choices": COMPARE_WITH})
+    kmeans_iterations: int = field(default=20, metadata={"min": 1})
     seed: int = 0
-    gpu: bool | None = None
-    progress: bool = False
 
 
 @dataclass
@@ -47,23 +47,24 @@ class SemDedupResult(PerSampleResult):
 
 
 def semdedup(embeddings: np.ndarray, cfg: SemDedupConfig = SemDedupConfig(),
-             scores: np.ndarray | None = None) -> SemDedupResult:
-    """Remove semantic duplicates from the rows of ``embeddings`` (normalized here)."""
+             clip_score: np.ndarray | None = None) -> SemDedupResult:
+    """Remove semantic duplicates from the rows of ``embeddings`` (normalized here); ``clip_score``: one per
+    row, for ``keep="clip_score"``."""
     x = embedding_matrix(embeddings, "embeddings")
-    scores = per_sample(scores, len(x), "scores")
+    clip_score = per_sample(clip_score, len(x), "clip_score")
     if not 0 <= cfg.epsilon <= 2:
         raise VectorInputError("epsilon", f"must lie in [0, 2], got {cfg.epsilon!r}")
-    if cfg.keep not in ("hardest", "easiest", "score"):
-        raise VectorInputError("keep", f"must be hardest, easiest or score, got {cfg.keep!r}")
-    if cfg.keep == "score" and scores is None:
-        raise VectorInputError("scores", "keep='score' needs one score per sample")
-    if cfg.compare_with not in ("all", "kept"):
+    if cfg.keep not in KEEP_RULES:
+        raise VectorInputError("keep", f"must be one of {', '.join(KEEP_RULES)}, got {cfg.keep!r}")
+    if cfg.keep == "clip_score" and clip_score is None:
+        raise VectorInputError("clip_score", "keep='clip_score' needs one CLIP score per sample")
+    if cfg.compare_with not in COMPARE_WITH:
         raise VectorInputError("compare_with", f"must be all or kept, got {cfg.compare_with!r}")
-    clustering = kmeans(x, cfg.n_clusters, spherical=True, niter=cfg.kmeans_iterations, seed=cfg.seed, gpu=cfg.gpu)
+    clustering = kmeans(x, cfg.n_clusters, spherical=True, niter=cfg.kmeans_iterations, seed=cfg.seed)
     cluster = clustering.assignment
     centroid_similarity = np.einsum("ij,ij->i", x, clustering.centroids[cluster])
-    if cfg.keep == "score":
-        priority = -scores
+    if cfg.keep == "clip_score":
+        priority = -clip_score
     else:
         priority = centroid_similarity if cfg.keep == "hardest" else -centroid_similarity
     # Whole pool in keep order: by cluster, then priority, then row.
@@ -73,7 +74,7 @@ def semdedup(embeddings: np.ndarray, cfg: SemDedupConfig = SemDedupConfig(),
     most_similar = np.full(len(x), -1, np.int64)
     keep = np.ones(len(x), bool)
     compare = _compare_with_all if cfg.compare_with == "all" else _compare_with_kept
-    for c in tqdm(range(clustering.n_clusters), desc="semdedup", disable=not cfg.progress):
+    for c in range(clustering.n_clusters):
         members = order[starts[c]:starts[c + 1]]
         if len(members) > 1:
             best, arg, kept = compare(x[members], 1 - cfg.epsilon)

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.vector import (BalancedSamplingConfig, ClippedWarning, HierarchicalKMeansConfig,
-                                  VectorInputError, balanced_sampling, hierarchical_kmeans)
+from data_pipeline.vector import BalanceConfig, ClippedWarning, VectorInputError, balanced_sampling, hierarchical_kmeans
 from tests.vector.synthetic import clustered
 
 
@@ -12,7 +11,7 @@ def hierarchy():
     x, _ = clustered(2400, 32, 30, spread=1.0)
     rng = np.random.default_rng(0)
     x = x[np.argsort(rng.pareto(1.0, len(x)))][:2000]
-    cfg = HierarchicalKMeansConfig(n_clusters=(40, 6), resample_size=(5, 2), resampling_steps=2)
+    cfg = BalanceConfig(n_clusters=[40, 6], resample_size=[5, 2], resampling_steps=2)
     return x, hierarchical_kmeans(x, cfg)
 
 
@@ -47,7 +46,7 @@ def reference_leaf_quotas(x, hierarchy, target):
 def test_balanced_sampling_matches_a_brute_force_reference(hierarchy, target):
     x, tree = hierarchy
     leaf, quotas = reference_leaf_quotas(x, tree, target)
-    closest = balanced_sampling(tree, BalancedSamplingConfig(target_size=target, pick="closest"))
+    closest = balanced_sampling(tree, BalanceConfig(target_size=target, pick="closest"))
     assert closest.keep.sum() == target
     np.testing.assert_array_equal(closest.leaf_cluster, leaf)
     np.testing.assert_array_equal(np.bincount(leaf[closest.keep], minlength=len(quotas)), quotas)
@@ -56,13 +55,13 @@ def test_balanced_sampling_matches_a_brute_force_reference(hierarchy, target):
         members = np.flatnonzero(leaf == c)
         expected = members[np.argsort(distance[members], kind="stable")][:quotas[c]]
         assert set(np.flatnonzero(closest.keep & (leaf == c))) == set(expected)
-    randomly = balanced_sampling(tree, BalancedSamplingConfig(target_size=target, pick="random", seed=1))
+    randomly = balanced_sampling(tree, BalanceConfig(target_size=target, pick="random", seed=1))
     np.testing.assert_array_equal(np.bincount(leaf[randomly.keep], minlength=len(quotas)), quotas)
 
 
 def test_balanced_sampling_flattens_the_cluster_size_distribution(hierarchy):
     x, tree = hierarchy
-    result = balanced_sampling(tree, BalancedSamplingConfig(target_size=400))
+    result = balanced_sampling(tree, BalanceConfig(target_size=400))
     sizes = np.bincount(result.top_cluster, minlength=6)
     taken = np.bincount(result.top_cluster[result.keep], minlength=6)
     assert taken.max() - taken[sizes >= taken.max()].min() <= 1 and taken.std() < sizes.std() * 400 / 2000
@@ -79,11 +78,11 @@ def test_every_level_assigns_to_its_nearest_centroid(hierarchy):
 def test_a_target_above_the_pool_selects_everything_with_a_warning(hierarchy):
     _, tree = hierarchy
     with pytest.warns(ClippedWarning, match="target_size=5000 is larger than the pool"):
-        assert balanced_sampling(tree, BalancedSamplingConfig(target_size=5000)).keep.all()
+        assert balanced_sampling(tree, BalanceConfig(target_size=5000)).keep.all()
     with pytest.raises(VectorInputError, match="target_size: must be a positive integer"):
-        balanced_sampling(tree, BalancedSamplingConfig(target_size=0))
+        balanced_sampling(tree, BalanceConfig(target_size=0))
 
 
 def test_a_level_count_mismatch_is_rejected_naming_the_argument():
     with pytest.raises(VectorInputError, match="resample_size: needs one value per level"):
-        hierarchical_kmeans(np.eye(4, dtype=np.float32), HierarchicalKMeansConfig(n_clusters=(2,), resample_size=(2, 2)))
+        hierarchical_kmeans(np.eye(4, dtype=np.float32), BalanceConfig(n_clusters=[2], resample_size=[2, 2]))

@@ -41,15 +41,14 @@ def test_one_sample_per_component_is_kept_and_the_rest_name_their_representative
 
 
 def test_ivf_index_search_gives_the_flat_result_on_a_small_case(pool, flat):
-    cfg = CopyDedupConfig(graph=GraphConfig(method="index", index=IndexConfig(kind="ivf_flat", nlist=16, nprobe=4)))
-    ivf = copy_dedup(pool[0], cfg)
+    ivf = copy_dedup(pool[0], graph=GraphConfig(method="index", index=IndexConfig(kind="ivf_flat", nlist=16, nprobe=4)))
     assert ivf.graph.nlist == 16
     assert same_partition(ivf.component, flat.component)
     np.testing.assert_array_equal(ivf.keep, flat.keep)
 
 
 def test_cell_join_gives_the_flat_result_on_a_small_case(pool, flat):
-    joined = copy_dedup(pool[0], CopyDedupConfig(graph=GraphConfig(method="cell_join", join_nlist=16)))
+    joined = copy_dedup(pool[0], graph=GraphConfig(method="cell_join", join_nlist=16))
     assert joined.graph.method == "cell_join"
     assert same_partition(joined.component, flat.component)
     np.testing.assert_array_equal(joined.keep, flat.keep)
@@ -60,7 +59,7 @@ def test_the_neighbour_count_k_bounds_the_graph_like_the_brute_force_reference()
     x, _ = with_copies(base, 10, max_copies=8, noise=0.05)
     for k in (1, 3):
         for method in ("index", "cell_join"):
-            result = copy_dedup(x, CopyDedupConfig(k=k, graph=GraphConfig(method=method, join_nlist=4)))
+            result = copy_dedup(x, CopyDedupConfig(k=k), graph=GraphConfig(method=method, join_nlist=4))
             assert same_partition(result.component, brute_force_components(x, k, 0.6)), (k, method)
 
 

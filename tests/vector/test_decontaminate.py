@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data_pipeline.vector import DecontaminationConfig, VectorInputError, decontaminate
+from data_pipeline.vector import DecontaminateConfig, VectorInputError, decontaminate
 from tests.vector.synthetic import clustered, normalized
 
 
@@ -25,7 +25,7 @@ def test_every_planted_copy_of_an_eval_image_is_removed_and_names_its_source():
 def test_the_threshold_is_inclusive():
     evals = np.array([[1.0, 0.0]], np.float32)
     pool = np.array([[0.45, np.sqrt(1 - 0.45 ** 2)], [0.44, np.sqrt(1 - 0.44 ** 2)]], np.float32)
-    result = decontaminate(pool, evals, DecontaminationConfig(threshold=0.449999))
+    result = decontaminate(pool, evals, DecontaminateConfig(threshold=0.449999))
     assert result.keep.tolist() == [False, True]
 
 

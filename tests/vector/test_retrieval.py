@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from data_pipeline.vector import (ClippedWarning, ClusterRetrievalConfig, NoNeighboursWarning, SampleRetrievalConfig,
-                                  VectorInputError, retrieve_by_cluster, retrieve_by_sample)
+from data_pipeline.vector import (ClippedWarning, NoNeighboursWarning, RetrievalConfig, VectorInputError,
+                                  retrieve_by_cluster, retrieve_by_sample)
 from data_pipeline.vector.retrieval import cluster_quotas
 from tests.vector.synthetic import clustered, normalized
 
@@ -18,7 +18,7 @@ def pool_and_seeds():
 
 def test_sample_based_retrieval_equals_brute_force_top_k_with_collisions_counted(pool_and_seeds):
     pool, seeds = pool_and_seeds
-    result = retrieve_by_sample(pool, seeds, SampleRetrievalConfig(k=8))
+    result = retrieve_by_sample(pool, seeds, RetrievalConfig(k=8))
     sims = seeds @ pool.T
     top = np.argsort(-sims, axis=1, kind="stable")[:, :8]
     hits = np.bincount(top.ravel(), minlength=len(pool))
@@ -35,14 +35,14 @@ def test_a_seed_set_with_no_neighbours_above_the_floor_warns_and_retrieves_nothi
     pool = np.eye(4, 8, dtype=np.float32)         # pool lives in the first 4 dimensions
     seeds = np.eye(8, dtype=np.float32)[6:]       # seeds are orthogonal to all of it
     with pytest.warns(NoNeighboursWarning, match="seeds: 2 of 2 seed images retrieved nothing"):
-        result = retrieve_by_sample(pool, seeds, SampleRetrievalConfig(k=2, min_similarity=0.5))
+        result = retrieve_by_sample(pool, seeds, RetrievalConfig(k=2, min_similarity=0.5))
     assert not result.keep.any() and (result.best_seed == -1).all()
 
 
 def test_k_larger_than_the_pool_is_clipped_with_a_warning():
     pool, _ = clustered(5, 8, 1)
     with pytest.warns(ClippedWarning, match="k=8 is larger than the number of indexed vectors"):
-        result = retrieve_by_sample(pool, pool[:2], SampleRetrievalConfig(k=8))
+        result = retrieve_by_sample(pool, pool[:2], RetrievalConfig(k=8))
     assert result.keep.all()
 
 
@@ -73,7 +73,7 @@ def reference_cluster_retrieval(pool, seeds, centroids, min_seeds, per_cluster, 
 @pytest.mark.parametrize("max_total", [10_000, 150])
 def test_cluster_based_retrieval_equals_a_brute_force_reference(pool_and_seeds, max_total):
     pool, seeds = pool_and_seeds
-    cfg = ClusterRetrievalConfig(n_clusters=20, min_seeds=3, per_cluster=100, max_total=max_total, pick="closest")
+    cfg = RetrievalConfig(n_clusters=20, min_seeds=3, per_cluster=100, max_total=max_total, pick="closest")
     result = retrieve_by_cluster(pool, seeds, cfg)
     expected = reference_cluster_retrieval(pool, seeds, result.centroids, 3, 100, max_total)
     assert set(np.flatnonzero(result.keep).tolist()) == expected
@@ -83,7 +83,7 @@ def test_cluster_based_retrieval_equals_a_brute_force_reference(pool_and_seeds, 
 
 def test_random_picks_give_the_same_per_cluster_counts_and_are_seeded(pool_and_seeds):
     pool, seeds = pool_and_seeds
-    cfg = ClusterRetrievalConfig(n_clusters=20, per_cluster=50, pick="random", seed=7)
+    cfg = RetrievalConfig(n_clusters=20, per_cluster=50, pick="random", seed=7)
     first, again = retrieve_by_cluster(pool, seeds, cfg), retrieve_by_cluster(pool, seeds, cfg)
     np.testing.assert_array_equal(first.keep, again.keep)
     sizes = np.bincount(first.cluster, minlength=20)
@@ -94,5 +94,5 @@ def test_random_picks_give_the_same_per_cluster_counts_and_are_seeded(pool_and_s
 def test_a_seed_set_in_no_qualifying_cluster_warns_and_retrieves_nothing(pool_and_seeds):
     pool, seeds = pool_and_seeds
     with pytest.warns(NoNeighboursWarning, match="seeds: no cluster holds more than min_seeds=3"):
-        result = retrieve_by_cluster(pool, seeds[:3], ClusterRetrievalConfig(n_clusters=20))
+        result = retrieve_by_cluster(pool, seeds[:3], RetrievalConfig(n_clusters=20))
     assert not result.keep.any()

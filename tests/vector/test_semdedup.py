@@ -12,7 +12,7 @@ def reference(x, cluster, centroids, limit, keep_rule, compare_with, scores=None
         members = np.flatnonzero(cluster == c)
         to_centroid = x[members] @ centroids[c]
         priority = {"hardest": to_centroid, "easiest": -to_centroid,
-                    "score": None if scores is None else -scores[members]}[keep_rule]
+                    "clip_score": None if scores is None else -scores[members]}[keep_rule]
         members = members[np.lexsort((members, priority))]
         sims = x[members] @ x[members].T
         for j in range(1, len(members)):
@@ -28,12 +28,12 @@ def pool():
     return with_copies(base, 150, noise=0.2)[0]
 
 
-@pytest.mark.parametrize("keep_rule", ["hardest", "easiest", "score"])
+@pytest.mark.parametrize("keep_rule", ["hardest", "easiest", "clip_score"])
 @pytest.mark.parametrize("compare_with", ["all", "kept"])
 def test_semdedup_keeps_the_same_set_as_a_brute_force_reference(pool, keep_rule, compare_with):
     scores = np.random.default_rng(3).random(len(pool))
     cfg = SemDedupConfig(n_clusters=12, epsilon=0.05, keep=keep_rule, compare_with=compare_with)
-    result = semdedup(pool, cfg, scores=scores if keep_rule == "score" else None)  # scores only for "score"
+    result = semdedup(pool, cfg, clip_score=scores if keep_rule == "clip_score" else None)  # only for "clip_score"
     assert (result.cluster == np.argmax(pool @ result.centroids.T, axis=1)).all()
     expected = reference(pool, result.cluster, result.centroids, 0.95, keep_rule, compare_with, scores)
     assert 50 < (~expected).sum() < 400
@@ -49,13 +49,13 @@ def test_the_greedy_rule_keeps_the_far_end_of_a_chain():
     b = np.array([np.cos(0.25), np.sin(0.25), 0.0])
     c = np.array([np.cos(0.5), np.sin(0.5), 0.0])
     x = np.stack([a, b, c]).astype(np.float32)
-    cfg = SemDedupConfig(n_clusters=1, epsilon=1 - np.cos(0.3), keep="score")
+    cfg = SemDedupConfig(n_clusters=1, epsilon=1 - np.cos(0.3), keep="clip_score")
     scores = np.array([3.0, 2.0, 1.0])
     assert semdedup(x, cfg, scores).keep.tolist() == [True, False, False]
-    greedy = SemDedupConfig(n_clusters=1, epsilon=1 - np.cos(0.3), keep="score", compare_with="kept")
+    greedy = SemDedupConfig(n_clusters=1, epsilon=1 - np.cos(0.3), keep="clip_score", compare_with="kept")
     assert semdedup(x, greedy, scores).keep.tolist() == [True, False, True]
 
 
-def test_keep_by_score_without_scores_is_rejected_naming_the_argument(pool):
-    with pytest.raises(VectorInputError, match="scores: keep='score' needs one score per sample"):
-        semdedup(pool, SemDedupConfig(keep="score"))
+def test_keep_by_clip_score_without_clip_scores_is_rejected_naming_the_argument(pool):
+    with pytest.raises(VectorInputError, match="clip_score: keep='clip_score' needs one CLIP score per sample"):
+        semdedup(pool, SemDedupConfig(keep="clip_score"))
