@@ -255,7 +255,7 @@ def removed_pair_quality(decisions: pd.DataFrame, truth: pd.DataFrame) -> dict:
 
 
 def curate_round(cfg: BootstrapConfig, pool: Pool, scorer: Path, out: Path, use_ray: bool,
-                 log: Callable[[str], None], trust: bool = False) -> Path:
+                 log: Callable[[str], None], trust: bool) -> Path:
     """Run round k's ``vlm-curate run`` into ``out`` (scored by ``scorer``, round k−1's run); return ``out``.
 
     Its shards are as large as ``_samples_per_shard`` allows for the rows kept, which only the write step
@@ -280,7 +280,7 @@ def curate_round(cfg: BootstrapConfig, pool: Pool, scorer: Path, out: Path, use_
 
 
 def round_curate_config(cfg: BootstrapConfig, pool: Pool, scorer: Path, out: Path, per_shard: int,
-                        trust: bool = False) -> CurateConfig:
+                        trust: bool) -> CurateConfig:
     """The pool's curation config with ``scorer`` as the embedding model and the CLIP-score stage on with
     the bootstrap's rule; output in ``out``, ``per_shard`` samples a shard."""
     raw = copy.deepcopy(pool.manifest["config"])

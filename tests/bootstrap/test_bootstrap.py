@@ -54,8 +54,8 @@ def bootstrap_config(corpus: Path, pool: Path, out: Path, overrides: list[str] =
     return load_bootstrap_config(REPO / "configs" / "curate" / "bootstrap_demo.yaml", [
         f"pool={pool}", f"output_dir={out}", "nproc=1", f"eval_sets=[{corpus / 'eval' / 'shapes'}]",
         f"ground_truth={corpus / 'train' / 'index.parquet'}", f"clip_score.top_fraction={TOP_FRACTION}",
-        f"train_overrides={json.dumps(TRAIN_OVERRIDES)}", "embed.progress=false", f"samples_per_shard={SAMPLES_PER_SHARD}",
-        *overrides])
+        f"train_overrides={json.dumps(TRAIN_OVERRIDES)}", "embed.progress=false",
+        f"samples_per_shard={SAMPLES_PER_SHARD}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,8 @@ def test_a_round0_run_that_did_not_train_as_round_0_would_is_refused_naming_what
         return str(refusal.value)
 
     other_shards = refused(boot / "round-01" / "run")  # trained on round 1's pruned pool
-    assert f"data.train_shards ('{boot / 'round-01' / 'curated' / 'shards'}' there, '{Path(pool) / 'shards'}' here)" in other_shards
+    round1_shards = boot / "round-01" / "curated" / "shards"
+    assert f"data.train_shards ('{round1_shards}' there, '{Path(pool) / 'shards'}' here)" in other_shards
     fewer_steps = json.dumps(["steps=100", *TRAIN_OVERRIDES[1:]])
     assert "differing: steps (150 there, 100 here)" in refused(boot / "round-00" / "run",
                                                                f"train_overrides={fewer_steps}")
