@@ -1,50 +1,56 @@
 """`vlm-curate bootstrap`: train a CLIP scorer on the pool, prune the pool by its CLIP scores, retrain.
 
 Round 0 trains on the pool as ``vlm-curate run`` left it (heuristics + dedup), or reuses a finished
-run that trained exactly so (``round0_run``, checked against the config). Round k ≥ 1 embeds the
-pool with round k−1's model, applies the CLIP-score rule to it, writes the pruned pool as shards
-and trains on them. Every round trains with the same config and step budget, so the rounds table
-compares like with like: round 0 is the unpruned baseline. Layout under ``output_dir``:
+run that trained exactly so (``round0_run``, checked against the config). Round k ≥ 1 is that
+``vlm-curate run`` again (``pipeline.run``, the pool's own config from its manifest) with round k−1's
+model as ``embedding.model`` and the CLIP-score stage on with the bootstrap's rule: the pipeline
+embeds the rows the pool kept, prunes them and writes the shards round k trains on. Any other
+embedding stage the pool's config enables runs again too, with round k−1's model. Every round trains
+with the same config and step budget, so the rounds table compares like with like: round 0 is the
+unpruned baseline. Layout under ``output_dir``:
 
   round-NN/run/                 the vlm-train run (its export in run/final is round NN's model);
                                 round 0 has none when it reuses ``round0_run``
   round-NN/eval.json            vlm-eval zero-shot results on ``eval_sets``
-  round-NN/embeddings/          (k ≥ 1) the pool embedded by round k−1's model (stages/embed.py)
-  round-NN/decisions.parquet    (k ≥ 1) one row per pool row read: clip_score, flag_clip_score, kept, reason
-  round-NN/shards/              (k ≥ 1) the pruned pool, round k's training data
+  round-NN/curated/             (k ≥ 1) the round's vlm-curate run: decisions.parquet (one row per pool
+                                row read: clip_score, flag_clip_score, kept, reason), shards/ (round k's
+                                training data), manifest.json, .work/embeddings/ (the pool embedded by
+                                round k−1's model)
   round-NN/round.json           the round's row of the table, written last: the round is finished
   rounds.json, rounds.png       the table of all finished rounds
 
-A rerun resumes at the first round without ``round.json``; inside it, finished embedding shards and
-a finished pruned pool are reused, and vlm-train resumes from its latest checkpoint. A finished
+A round's curation starts from the pool's scored parts (linked into its .work with the pipeline's
+stamp, which the pipeline checks: changed inputs or stage settings make it start over), so the
+pool is not scored again; its input files must still exist. A rerun resumes at the first round
+without ``round.json``; inside it, the curation resumes as any ``vlm-curate run`` does (finished
+embeddings and shards are reused), and vlm-train resumes from its latest checkpoint. A finished
 round 0 that reused a run is refused if that run has been retrained since (its train summary changed).
 """
 from __future__ import annotations
 
-import io
+import copy
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
-from data_pipeline.config import BootstrapConfig, ModelSpec
-from data_pipeline.embed.workers import embed_pool
+from data_pipeline import pipeline
+from data_pipeline.config import BootstrapConfig, ClipScoreConfig, CurateConfig
 from data_pipeline.inputs import refuse_inputs_inside
-from data_pipeline.shards import read_shard_members
-from data_pipeline.stages.clip_score import select_by_clip_score
 from vlmtrain import atomic
+from vlmtrain.configlib import from_dict, to_dict
 from vlmtrain.errors import UserError
 from vlmtrain.runlock import RunLock
 
 MISMATCHED, CLEAN = "mismatched_caption", "clean"
+CURATED = "curated"  # round-NN/curated: the round's vlm-curate run
 
 
 class BootstrapError(UserError):
@@ -53,10 +59,10 @@ class BootstrapError(UserError):
 
 @dataclass
 class Pool:
-    """A finished ``vlm-curate run``: its decisions (one row per row read) and its shards."""
+    """A finished ``vlm-curate run``: its manifest and decisions (one row per row read)."""
     path: Path
+    manifest: dict
     decisions: pd.DataFrame
-    shards: list[str]
 
     @classmethod
     def load(cls, path: str | Path) -> Pool:
@@ -69,7 +75,7 @@ class Pool:
         if kept == 0:
             raise BootstrapError(f"pool {path} is empty: curation kept 0 of {len(decisions)} rows read, "
                                  f"so there is nothing to train a scorer on")
-        return cls(path, decisions, sorted(str(p) for p in (path / "shards").glob("*.tar")))
+        return cls(path, json.loads((path / "manifest.json").read_text()), decisions)
 
 
 def run_bootstrap(cfg: BootstrapConfig, rounds: int, use_ray: bool = True,
@@ -116,21 +122,13 @@ def _run_round(cfg: BootstrapConfig, pool: Pool, truth: pd.DataFrame | None, num
     row: dict = {"round": number, "scorer": None, "rule": None, "cutoff": None,
                  "pool_rows": int(pool.decisions["kept"].sum()),
                  "reused_run": cfg.round0_run if number == 0 and cfg.round0_run else None}
-    shards_dir = pool.path / "shards"
     if number == 0:
-        decisions = pool.decisions
+        decisions, shards_dir = pool.decisions, pool.path / "shards"
     else:
         scorer = round_run(cfg, number - 1)
-        spec = ModelSpec(checkpoint=str(scorer), trust_checkpoint=trust)
-        scores = embed_pool(pool.shards, round_dir / "embeddings", spec, cfg.embed, use_ray=use_ray, log=log)
-        decisions, cutoff = select_by_clip_score(pool.decisions, scores, cfg.clip_score)
-        with atomic.replacing(round_dir / "decisions.parquet") as tmp:
-            decisions.to_parquet(tmp, index=False)
-        shards_dir = round_dir / "shards"
-        if not shards_dir.is_dir():
-            write_pruned_shards(pool.shards, set(decisions.loc[decisions["kept"], "uid"]), shards_dir,
-                                _samples_per_shard(cfg, int(decisions["kept"].sum())))
-        row.update(scorer=str(scorer), rule=cfg.clip_score.rule, cutoff=cutoff)
+        curated = curate_round(cfg, pool, scorer, round_dir / CURATED, use_ray, log, trust)
+        decisions, shards_dir = pd.read_parquet(curated / "decisions.parquet"), curated / "shards"
+        row.update(scorer=str(scorer), rule=cfg.clip_score.rule, cutoff=clip_score_cutoff(decisions, cfg.clip_score))
     row["kept"] = int(decisions["kept"].sum())
     if truth is not None:
         row["ground_truth"] = removed_pair_quality(decisions, truth)
@@ -253,7 +251,68 @@ def removed_pair_quality(decisions: pd.DataFrame, truth: pd.DataFrame) -> dict:
             "clean_kept": int((clean & ~removed).sum()) / int(clean.sum()) if pruned and clean.any() else None}
 
 
-# ------------------------------------------------------------------ the pruned pool
+# ------------------------------------------------------------------ round k's curation: the pipeline
+
+
+def curate_round(cfg: BootstrapConfig, pool: Pool, scorer: Path, out: Path, use_ray: bool,
+                 log: Callable[[str], None], trust: bool) -> Path:
+    """Run round k's ``vlm-curate run`` into ``out`` (scored by ``scorer``, round k−1's run); return ``out``.
+
+    Its shards are as large as ``_samples_per_shard`` allows for the rows kept, which only the write step
+    knows: planned for the rows the pool kept (or an earlier attempt's size, so a resumed round keeps
+    the shards its training reads), the write step is redone when the rule kept fewer.
+    """
+    gone = [entry["path"] for entry in pool.manifest.get("inputs", []) if not os.path.exists(entry["path"])]
+    if gone:
+        raise BootstrapError(f"pool {pool.path}: {len(gone)} of the input files it was curated from are gone "
+                             f"(first: {gone[0]}); round {out.parent.name} curates them again with its scorer: "
+                             f"restore them")
+    earlier = out / "manifest.json"
+    per_shard = (json.loads(earlier.read_text())["config"]["output"]["samples_per_shard"] if earlier.is_file()
+                 else _samples_per_shard(cfg, int(pool.decisions["kept"].sum())))
+    round_cfg = round_curate_config(cfg, pool, scorer, out, per_shard, trust)
+    _start_from_pool_scoring(pool, round_cfg)
+    kept = pipeline.run(round_cfg, use_ray=use_ray, log=log)["funnel"]["rows"]["kept"]
+    if _samples_per_shard(cfg, kept) != per_shard:
+        round_cfg.output.samples_per_shard = _samples_per_shard(cfg, kept)
+        pipeline.run(round_cfg, steps=("write",), use_ray=use_ray, log=log)
+    return out
+
+
+def round_curate_config(cfg: BootstrapConfig, pool: Pool, scorer: Path, out: Path, per_shard: int,
+                        trust: bool) -> CurateConfig:
+    """The pool's curation config with ``scorer`` as the embedding model and the CLIP-score stage on with
+    the bootstrap's rule; output in ``out``, ``per_shard`` samples a shard."""
+    raw = copy.deepcopy(pool.manifest["config"])
+    raw["output_dir"] = str(out)
+    raw.setdefault("output", {})["samples_per_shard"] = per_shard
+    raw.setdefault("embedding", {}).update(
+        model={"checkpoint": str(scorer), "trust_checkpoint": trust}, embed=to_dict(cfg.embed),
+        clip_score={**to_dict(cfg.clip_score), "enabled": True})
+    round_cfg = from_dict(CurateConfig, raw)
+    round_cfg.check()
+    return round_cfg
+
+
+def _start_from_pool_scoring(pool: Pool, round_cfg: CurateConfig) -> None:
+    """A new round's run starts with the pool's ``.work`` (its scored parts): the same inputs and stage
+    settings score the same, so scoring again would only repeat the pool's work. The pipeline's stamp
+    comes along and is checked as on any resume. Hard links where possible: the pipeline replaces its
+    files, it never writes into them. The pool's embeddings, if any, stay behind (another model's)."""
+    ours, theirs = pipeline.Run(round_cfg).work, pipeline.Run(replace(round_cfg, output_dir=str(pool.path))).work
+    if ours.exists() or not theirs.is_dir():
+        return
+    tmp = ours.with_name(ours.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(theirs, tmp, ignore=shutil.ignore_patterns("embeddings"), copy_function=_link_or_copy)
+    os.replace(tmp, ours)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
 
 
 def _samples_per_shard(cfg: BootstrapConfig, kept: int) -> int:
@@ -264,32 +323,13 @@ def _samples_per_shard(cfg: BootstrapConfig, kept: int) -> int:
     return max(1, min(cfg.samples_per_shard, math.ceil(kept / (cfg.nproc * max(workers, 1)))))
 
 
-def write_pruned_shards(shards: list[str], kept_uids: set[str], out_dir: Path, per_shard: int) -> list[Path]:
-    """Copy the kept samples (every member, bytes unchanged) into new shards, in pool order.
-
-    Written into a temporary folder renamed at the end, so an existing ``out_dir`` is complete.
-    """
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    written: list[Path] = []
-    writer, count = None, 0
-    for shard in shards:
-        for key, members in read_shard_members(shard):
-            if key not in kept_uids:
-                continue
-            if writer is None or count == per_shard:
-                if writer is not None:
-                    writer.close()
-                written.append(out_dir / f"shard-{len(written):06d}.tar")
-                writer, count = tarfile.open(tmp / written[-1].name, "w", format=tarfile.USTAR_FORMAT), 0
-            for info, data in members:
-                writer.addfile(info, io.BytesIO(data))
-            count += 1
-    if writer is not None:
-        writer.close()
-    os.replace(tmp, out_dir)
-    return written
+def clip_score_cutoff(decisions: pd.DataFrame, cfg: ClipScoreConfig) -> float:
+    """The cutoff the CLIP-score stage applied (``stages.clip_score.passes_clip_score``), read back from its
+    decisions: the threshold, or the lowest score it let through (NaN when none)."""
+    if cfg.rule == "threshold":
+        return cfg.threshold
+    passed = decisions["clip_score"][decisions["clip_score"].notna() & ~decisions["flag_clip_score"]]
+    return float(passed.min()) if len(passed) else float("nan")
 
 
 # ------------------------------------------------------------------ training and evaluation (the real CLIs)

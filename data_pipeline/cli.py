@@ -102,9 +102,9 @@ def _add_bootstrap_parser(commands) -> None:
     bootstrap = commands.add_parser(
         "bootstrap", help="bootstrapped CLIP-score pruning: train a scorer, prune, retrain",
         description="Round 0 trains a CLIP model (vlm-train) on a curated pool, or reuses a finished run that trained "
-                    "so (round0_run=RUN); round k embeds the pool with "
-                    "round k-1's model, prunes it by CLIP score (clip_score.rule) and trains again with the same "
-                    "budget. Each round's checkpoint, cutoff, kept count, zero-shot metrics (vlm-eval) and, with "
+                    "so (round0_run=RUN); round k runs the pool's curation again (vlm-curate run, "
+                    "from the pool's scored parts) with round k-1's model as the scorer and the CLIP-score stage on "
+                    "(clip_score.rule), then trains on its shards with the same budget. Each round's checkpoint, cutoff, kept count, zero-shot metrics (vlm-eval) and, with "
                     "ground_truth, precision/recall of the removed pairs go into OUT/rounds.json and rounds.png.")
     bootstrap.add_argument("config", type=Path, help="bootstrap YAML (see configs/curate/bootstrap_demo.yaml)")
     bootstrap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")

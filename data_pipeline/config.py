@@ -194,8 +194,10 @@ class _CurateChecks:
     def stage_fingerprint(self) -> str:
         """Hash of everything that changes the scored parts and the global stages' verdicts: a resumed run must
         match it. ``embedding`` is left out: its embeddings are stamped with their model, its selection is redone
-        every write, so changing it never re-scores the pool."""
-        stages = {k: v for k, v in to_dict(self).items() if k not in ("ray", "progress", "output", "embedding")}
+        every write, so changing it never re-scores the pool. So is ``output_dir``: a run moved, spelled
+        another way or continued elsewhere (a bootstrap round starts from its pool's parts) scores the same."""
+        stages = {k: v for k, v in to_dict(self).items()
+                  if k not in ("output_dir", "ray", "progress", "output", "embedding")}
         return hashlib.sha256(json.dumps(stages, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -232,7 +234,8 @@ def load_curate_config(path: str | Path | None, overrides: list[str] = ()) -> Cu
 @dataclass
 class BootstrapConfig:
     """``vlm-curate bootstrap``: round 0 trains a scorer on ``pool`` (a finished ``vlm-curate run``);
-    round k scores the pool with round k−1's model, prunes it by CLIP score and trains again."""
+    round k runs the pool's curation again with round k−1's model as ``embedding.model``, ``embed`` as
+    ``embedding.embed`` and ``clip_score`` as the CLIP-score stage, and trains on its shards."""
     pool: str = field(default="", metadata={"required": True})  # output_dir of a finished vlm-curate run
     output_dir: str = field(default="", metadata={"required": True})
     # A finished vlm-train run to use as round 0 instead of training it: it must have trained on the
@@ -246,7 +249,8 @@ class BootstrapConfig:
     ground_truth: str = ""
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     clip_score: ClipScoreConfig = field(default_factory=ClipScoreConfig)
-    samples_per_shard: int = field(default=1000, metadata={"min": 1})  # pruned pools' shards
+    # Pruned pools' shards: at most this many samples, fewer so that every vlm-train reader slot gets one.
+    samples_per_shard: int = field(default=1000, metadata={"min": 1})
 
 
 def load_bootstrap_config(path: str | Path | None, overrides: list[str] = ()) -> BootstrapConfig:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,11 @@ import torch.nn.functional as F
 from PIL import Image
 from webdataset import TarWriter
 
-from data_pipeline.bootstrap import write_pruned_shards
 from data_pipeline.cli import main as curate_main
 from data_pipeline.config import EmbedConfig, ModelSpec
 from data_pipeline.embed.jobs import EmbedError, read_shard, shard_outputs
 from data_pipeline.embed.workers import EmbedWorkers, embed_pool
+from data_pipeline.shards import read_shard_members
 from tests.conftest import REPO
 from tests.helpers import TINY_CLIP as TINY, build_clip as build_model
 from vlmtrain.checkpoint import write_export
@@ -42,11 +44,19 @@ def tiny_model(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
 
 @pytest.fixture(scope="module")
 def pool_shards(small_corpus, tmp_path_factory) -> list[str]:
-    """Three shards of the generator's clean pairs (its raw pool holds corrupt images on purpose)."""
+    """Three shards of 120 of the generator's clean pairs, members copied as they are (its raw pool holds
+    corrupt images on purpose)."""
     truth = pd.read_parquet(small_corpus / "train" / "index.parquet")
-    out = tmp_path_factory.mktemp("clean") / "shards"
-    raw = sorted(str(p) for p in (small_corpus / "train").glob("*.tar"))
-    return [str(p) for p in write_pruned_shards(raw, set(truth.loc[truth["noise"] == "clean", "key"]), out, 120)][:3]
+    clean = set(truth.loc[truth["noise"] == "clean", "key"])
+    samples = (members for shard in sorted((small_corpus / "train").glob("*.tar"))
+               for key, members in read_shard_members(str(shard)) if key in clean)
+    out = tmp_path_factory.mktemp("clean")
+    shards = [out / f"shard-{i:06d}.tar" for i in range(3)]
+    for shard in shards:
+        with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for info, data in itertools.chain.from_iterable(itertools.islice(samples, 120)):
+                tar.addfile(info, io.BytesIO(data))
+    return [str(p) for p in shards]
 
 
 def open_clip_reference(folder: Path, shard: str) -> tuple[np.ndarray, np.ndarray]:

@@ -59,6 +59,7 @@ def test_the_bootstrap_scorer_refuses_a_checkpoint_that_would_run_code(tmp_path,
     result = run_tool("vlm-curate", "bootstrap", str(REPO / "configs" / "curate" / "bootstrap_demo.yaml"),
                       "--rounds", "2", "--no-ray", f"pool={pool}", f"output_dir={boot}", "eval_sets=[]",
                       "ground_truth=", "embed.progress=false", "nproc=1",
-                      'train_overrides=["steps=1", "progress=false", "metrics.tensorboard=false"]')
+                      'train_overrides=["steps=1", "optim.warmup_steps=0", "progress=false",'
+                      ' "metrics.tensorboard=false"]')
 
     assert_refused_without_running_code(result, marker, "vlm-curate")
