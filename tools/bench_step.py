@@ -13,7 +13,7 @@ size is used.
 
 Example:
   python tools/bench_step.py                      # 2 gloo ranks, ZeRO 2 (the demo's layout)
-  python tools/bench_step.py --nproc 1 --zero-stage 0
+  python tools/bench_step.py --nproc 1 --zero-stage 0 --clock cpu --variants vlm-train,dense-embedding
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+VARIANTS = ("vlm-train", "dense-embedding")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,10 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per batch size and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the batch sizes")
     parser.add_argument("--log-every", type=int, default=10, help="steps between exact metric syncs, as in training")
+    parser.add_argument("--variants", default="vlm-train", type=lambda text: text.split(","),
+                        help="comma-separated, alternating in each round: vlm-train (the trainer's step) and "
+                             "dense-embedding (the same with nn.Embedding's dense gradient, as before "
+                             "embedding_grads.py)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: step time; cpu: this process's CPU time per step, steadier on a shared "
                              "machine (one rank only: it does not count waiting for peers)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,15 +75,8 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
     import deepspeed
     import torch
 
-    from vlmtrain import engine as trainer
-    from vlmtrain.step import train_step
     from vlmtrain.config import load_train_config
-    from vlmtrain.data import Batch
-    from vlmtrain.distributed.deepspeed_config import build_deepspeed_config, trainer_clips_gradients
     from vlmtrain.distributed.parallel_dims import build_process_groups
-    from vlmtrain.metrics import count_flops_per_sample
-    from vlmtrain.models.registry import spec_of
-    from vlmtrain.optim import GradientClipper, build_optimizer, build_scheduler
 
     deepspeed.init_distributed(dist_backend="gloo")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -83,6 +84,41 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
                                           f"data.batch_size={batch_sizes[0]}", "optim.warmup_steps=1"])
     dims = cfg.parallel_dims(args.nproc)
     groups = build_process_groups(dims, rank)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    variants = {variant: trainer_loop(variant, cfg, dims, groups, clock, args.log_every) for variant in args.variants}
+
+    for timed_steps in variants.values():  # warm-up: allocator, lazy init, first collectives
+        for size in batch_sizes:
+            timed_steps(size, 3)
+    rounds: dict[str, dict[int, list[float]]] = {variant: {size: [] for size in batch_sizes} for variant in variants}
+    for _ in range(args.rounds):
+        for variant, timed_steps in variants.items():
+            for size in batch_sizes:
+                rounds[variant][size].append(statistics.median(timed_steps(size, args.steps)))
+    update = statistics.median(optimizer_alone(cfg, clock, args.steps))
+    if rank == 0:
+        (Path(out) / "rank0.json").write_text(json.dumps({
+            "rounds": rounds, "optimizer_s": update, "layout": dims.describe(), "zero_stage": args.zero_stage}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
+    """A model, optimizer and engine built as vlm-train builds them (``dense-embedding``: with
+    nn.Embedding's own dense gradient), and a function timing ``steps`` steps of its loop."""
+    import deepspeed
+    import torch
+
+    from vlmtrain import engine as trainer
+    from vlmtrain.data import Batch
+    from vlmtrain.distributed.deepspeed_config import (build_deepspeed_config, trainer_clips_gradients,
+                                                       trainer_owns_gradients)
+    from vlmtrain.embedding_grads import EmbeddingGradients
+    from vlmtrain.metrics import count_flops_per_sample
+    from vlmtrain.models.registry import spec_of
+    from vlmtrain.optim import GradientClipper, build_optimizer, build_scheduler
+    from vlmtrain.step import train_step
+
     spec = spec_of(cfg.model)
     torch.manual_seed(cfg.seed)
     model = spec.build(cfg.model)
@@ -92,7 +128,10 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
                                       config=build_deepspeed_config(cfg, dims, spec.tp_plan))
     if dims.dp == 1 and cfg.zero_stage == 0:
         engine.enable_backward_allreduce = False  # as the trainer does
-    clipper = GradientClipper(engine.module, cfg.optim.grad_clip) if trainer_clips_gradients(cfg, dims) else None
+    rows = trainer_owns_gradients(cfg, dims) and variant == "vlm-train"
+    embedding_grads = EmbeddingGradients(engine.module) if rows else None  # as the trainer does
+    clipper = (GradientClipper(engine.module, cfg.optim.grad_clip, embedding_grads)
+               if trainer_clips_gradients(cfg, dims) else None)
     loss_fn = spec.build_loss(cfg.model, groups.dp)
     bounds = trainer.ParameterBounds(engine.module, spec)
     stop = trainer.StopRequest()
@@ -112,67 +151,61 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
         while True:
             yield batch
 
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-
     def timed_steps(size: int, steps: int) -> list[float]:
         source, times = batches(size), []
         for step in range(1, steps + 1):
             started = clock()
-            result = train_step(engine, source, loss_fn, torch.float32, cfg.optim.grad_accum_steps, clipper)
+            result = train_step(engine, source, loss_fn, torch.float32, cfg.optim.grad_accum_steps, clipper,
+                                embedding_grads=embedding_grads)
             bounds.apply()
             meter.add(result, first=False)
-            if step % args.log_every == 0:  # the exact metrics of a log step, amortized as in training
+            if step % log_every == 0:  # the exact metrics of a log step, amortized as in training
                 trainer.mean_losses(result.losses, groups)
                 trainer.logged_parameters(engine.module, spec)
                 meter.report()
+                if clipper:
+                    clipper.norm()
             stop.agreed()
             times.append(clock() - started)
         return times
 
-    def optimizer_alone(steps: int) -> list[float]:
-        """A fused AdamW step over the same parameters (fresh state), the update every step pays."""
-        params = [torch.nn.Parameter(p.detach().clone()) for p in spec.build(cfg.model).parameters()]
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
-        alone = torch.optim.AdamW(params, lr=1e-3, fused=True)
-        times = []
-        for _ in range(steps):
-            started = clock()
-            alone.step()
-            times.append(clock() - started)
-        return times[2:]
+    return timed_steps
 
-    for size in batch_sizes:  # warm-up: allocator, lazy init, first collectives
-        timed_steps(size, 3)
-    medians: dict[int, list[float]] = {size: [] for size in batch_sizes}
-    for _ in range(args.rounds):
-        for size in batch_sizes:
-            medians[size].append(statistics.median(timed_steps(size, args.steps)))
-    update = statistics.median(optimizer_alone(args.steps))
-    if rank == 0:
-        (Path(out) / "rank0.json").write_text(json.dumps({
-            "step_s": {size: statistics.median(values) for size, values in medians.items()},
-            "rounds": {size: values for size, values in medians.items()}, "optimizer_s": update,
-            "layout": dims.describe(), "zero_stage": args.zero_stage}))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+
+def optimizer_alone(cfg, clock, steps: int) -> list[float]:
+    """A fused AdamW step over the same parameters (fresh state), the update every step pays."""
+    import torch
+
+    from vlmtrain.models.registry import spec_of
+
+    params = [torch.nn.Parameter(p.detach().clone()) for p in spec_of(cfg.model).build(cfg.model).parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    alone = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    times = []
+    for _ in range(steps):
+        started = clock()
+        alone.step()
+        times.append(clock() - started)
+    return times[2:]
 
 
 def report(result: dict, args: argparse.Namespace) -> None:
     import numpy as np
 
-    sizes = sorted(int(size) for size in result["step_s"])
-    times = [result["step_s"][str(size)] for size in sizes]
-    slope, intercept = np.polyfit(sizes, times, 1)
-    print(f"{args.nproc} rank(s), {result['layout']}, ZeRO {result['zero_stage']}, {args.config}, {args.clock} clock")
-    print("batch/rank  step ms (median of rounds)  rounds")
-    for size, seconds in zip(sizes, times):
-        rounds = ", ".join(f"{1e3 * t:.1f}" for t in result["rounds"][str(size)])
-        print(f"{size:>10}  {1e3 * seconds:>26.1f}  {rounds}")
     optimizer = result["optimizer_s"]
-    print(f"fit: step = {1e3 * intercept:.1f} ms + {1e3 * slope:.2f} ms × batch")
+    print(f"{args.nproc} rank(s), {result['layout']}, ZeRO {result['zero_stage']}, {args.config}, {args.clock} clock")
     print(f"optimizer update alone (fused AdamW, same parameters): {1e3 * optimizer:.1f} ms")
-    print(f"fixed cost per step (intercept − optimizer update): {1e3 * (intercept - optimizer):.1f} ms")
+    for variant, rounds in result["rounds"].items():
+        sizes = sorted(int(size) for size in rounds)
+        times = [statistics.median(rounds[str(size)]) for size in sizes]
+        slope, intercept = np.polyfit(sizes, times, 1)
+        print(f"== {variant}")
+        print("batch/rank  step ms (median of rounds)  rounds")
+        for size, seconds in zip(sizes, times):
+            print(f"{size:>10}  {1e3 * seconds:>26.1f}  " + ", ".join(f"{1e3 * t:.1f}" for t in rounds[str(size)]))
+        print(f"fit: step = {1e3 * intercept:.1f} ms + {1e3 * slope:.2f} ms × batch")
+        print(f"fixed cost per step (intercept − optimizer update): {1e3 * (intercept - optimizer):.1f} ms")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ def trainer_clips_gradients(cfg: TrainConfig, dims: ParallelDims) -> bool:
     return cfg.optim.grad_clip > 0 and cfg.zero_stage == 0 and dims.tp == 1 and dims.pp == 1
 
 
+def trainer_owns_gradients(cfg: TrainConfig, dims: ParallelDims) -> bool:
+    """Whether nothing but the trainer reads or writes gradients between backward and the update:
+    one process at ZeRO 0, where DeepSpeed neither reduces (the trainer turns its one-replica
+    all-reduce off), partitions nor clips them. The trainer may then keep them as it likes
+    (``embedding_grads.EmbeddingGradients``)."""
+    return cfg.zero_stage == 0 and dims.dp * dims.tp * dims.pp == 1
+
+
 def autotp_config(tp: int, plan: TensorParallelPlan) -> dict:
     """AutoTP with explicit layer specs: on a custom module DeepSpeed cannot infer a policy."""
     return {"autotp_size": tp,
