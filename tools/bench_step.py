@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -96,16 +97,27 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
         for size in batch_sizes:
             timed_steps(size, 3)
     update(3)
-    rounds: dict[str, dict[int, list[float]]] = {variant: {size: [] for size in batch_sizes} for variant in variants}
-    updates = []
+    # Per round and batch size: the median step and, less sensitive to other jobs on the machine, the fastest.
+    rounds = {variant: {size: [] for size in batch_sizes} for variant in variants}
+    fastest = {variant: {size: [] for size in batch_sizes} for variant in variants}
+    updates, fastest_updates, faults = [], [], {variant: [] for variant in variants}
     for _ in range(args.rounds):
         for variant, timed_steps in variants.items():
             for size in batch_sizes:
-                rounds[variant][size].append(statistics.median(timed_steps(size, args.steps)))
-        updates.append(statistics.median(update(args.steps)))
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                times = timed_steps(size, args.steps)
+                faults[variant].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / args.steps)
+                rounds[variant][size].append(statistics.median(times))
+                fastest[variant][size].append(min(times))
+        times = update(args.steps)
+        updates.append(statistics.median(times))
+        fastest_updates.append(min(times))
     if rank == 0:
         (Path(out) / "rank0.json").write_text(json.dumps({
-            "rounds": rounds, "optimizer_s": statistics.median(updates), "layout": dims.describe(), "zero_stage": args.zero_stage}))
+            "rounds": rounds, "optimizer_s": statistics.median(updates),
+            "fastest": fastest, "fastest_optimizer_s": statistics.median(fastest_updates),
+            "faults": {variant: statistics.median(counts) for variant, counts in faults.items()},
+            "layout": dims.describe(), "zero_stage": args.zero_stage}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -240,20 +252,30 @@ def optimizer_alone(cfg, clock):
 
 
 def report(result: dict, args: argparse.Namespace) -> None:
+    print(f"{args.nproc} rank(s), {result['layout']}, ZeRO {result['zero_stage']}, {args.config}, {args.clock} clock")
+    for variant, rounds in result["rounds"].items():
+        print(f"== {variant}: batch/rank, step ms (median of rounds), rounds")
+        for size in sorted(rounds, key=int):
+            print(f"{size:>10}  {1e3 * statistics.median(rounds[size]):>8.1f}  "
+                  + ", ".join(f"{1e3 * t:.1f}" for t in rounds[size]))
+    print(f"optimizer update alone (the trainer's fused AdamW and groups, same parameters, median of "
+          f"rounds): {1e3 * result['optimizer_s']:.1f} ms")
+    print("-- fit through each round's median step, median over rounds:")
+    fit_table(result["rounds"], result["optimizer_s"])
+    print("-- the same through each round's fastest step (less sensitive to other jobs on the machine):")
+    fit_table(result["fastest"], result["fastest_optimizer_s"])
+    print("minor page faults per step (median over rounds and batch sizes, rank 0): "
+          + ", ".join(f"{variant} {count:.0f}" for variant, count in result["faults"].items()))
+
+
+def fit_table(per_variant: dict, optimizer: float) -> None:
+    """``step = intercept + slope × batch`` through the medians over rounds; fixed cost = intercept − update."""
     import numpy as np
 
-    optimizer = result["optimizer_s"]
-    print(f"{args.nproc} rank(s), {result['layout']}, ZeRO {result['zero_stage']}, {args.config}, {args.clock} clock")
     fits = {}
-    for variant, rounds in result["rounds"].items():
+    for variant, rounds in per_variant.items():
         sizes = sorted(int(size) for size in rounds)
-        times = [statistics.median(rounds[str(size)]) for size in sizes]
-        fits[variant] = np.polyfit(sizes, times, 1)
-        print(f"== {variant}: batch/rank, step ms (median of rounds), rounds")
-        for size, seconds in zip(sizes, times):
-            print(f"{size:>10}  {1e3 * seconds:>8.1f}  " + ", ".join(f"{1e3 * t:.1f}" for t in rounds[str(size)]))
-    print(f"optimizer update alone (the trainer's fused AdamW and groups, same parameters, median of "
-          f"rounds): {1e3 * optimizer:.1f} ms")
+        fits[variant] = np.polyfit(sizes, [statistics.median(rounds[str(size)]) for size in sizes], 1)
     floor = fits["model-only"][1] if "model-only" in fits else None
     print(f"{'':<16}  intercept  slope/sample  fixed cost (intercept − update)"
           + ("  of which beyond the model's forward+backward" if floor is not None else ""))
