@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VARIANTS = ("vlm-train", "dense-embedding", "model-only")
+VARIANTS = ("vlm-train", "dense-embedding", "5e7-bucket", "model-only")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default="vlm-train", type=lambda text: text.split(","),
                         help="comma-separated, alternating in each round: vlm-train (the trainer's step), "
                              "dense-embedding (the same with nn.Embedding's dense gradient, as before "
-                             "embedding_grads.py), model-only (forward, loss and backward alone)")
+                             "embedding_grads.py), 5e7-bucket (ZeRO buckets of 5e7 elements whatever the "
+                             "model, as before deepspeed_config.bucket_elements), model-only (forward, loss "
+                             "and backward alone)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: step time; cpu: this process's CPU time per step, steadier on a shared "
                              "machine (one rank only: it does not count waiting for peers)")
@@ -124,13 +126,14 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
 
 def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
     """A model, optimizer and engine built as vlm-train builds them (``dense-embedding``: with
-    nn.Embedding's own dense gradient), and a function timing ``steps`` steps of its loop."""
+    nn.Embedding's own dense gradient; ``5e7-bucket``: with ZeRO buckets not sized to the model),
+    and a function timing ``steps`` steps of its loop."""
     import deepspeed
     import torch
 
     from vlmtrain import engine as trainer
-    from vlmtrain.distributed.deepspeed_config import (build_deepspeed_config, trainer_clips_gradients,
-                                                       trainer_owns_gradients)
+    from vlmtrain.distributed.deepspeed_config import (BUCKET_ELEMENTS, build_deepspeed_config,
+                                                       trainer_clips_gradients, trainer_owns_gradients)
     from vlmtrain.embedding_grads import EmbeddingGradients
     from vlmtrain.metrics import count_flops_per_sample
     from vlmtrain.models.registry import spec_of
@@ -141,9 +144,11 @@ def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
     torch.manual_seed(cfg.seed)
     model = spec.build(cfg.model)
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
+    config = build_deepspeed_config(cfg, dims, spec.tp_plan, model)
+    if variant == "5e7-bucket":
+        config["zero_optimization"].update(reduce_bucket_size=BUCKET_ELEMENTS, allgather_bucket_size=BUCKET_ELEMENTS)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      lr_scheduler=build_scheduler(optimizer, cfg.optim, 10**6),
-                                      config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+                                      lr_scheduler=build_scheduler(optimizer, cfg.optim, 10**6), config=config)
     if dims.dp == 1 and cfg.zero_stage == 0:
         engine.enable_backward_allreduce = False  # as the trainer does
     rows = trainer_owns_gradients(cfg, dims) and variant == "vlm-train"

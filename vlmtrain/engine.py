@@ -92,7 +92,7 @@ def train(cfg: TrainConfig) -> dict:
     # A checkpoint of another layout (check_resumable allowed it) loads as a universal one.
     relayout = bool(resume) and checkpoint.saved_layout(resume.sidecar) != layout_of(dims)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan,
+                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan, model,
                                                                          load_universal=relayout))
     if dims.tp > 1:
         check_deepspeed_groups(engine, dims, env.rank)

@@ -1,6 +1,8 @@
 """The one place that turns a run configuration into DeepSpeed's config dict."""
 from __future__ import annotations
 
+from torch import nn
+
 from vlmtrain.config import TrainConfig
 from vlmtrain.distributed.parallel_dims import ParallelDims
 from vlmtrain.models.spec import TensorParallelPlan
@@ -8,12 +10,11 @@ from vlmtrain.models.spec import TensorParallelPlan
 BUCKET_ELEMENTS = 50_000_000
 
 
-def build_deepspeed_config(cfg: TrainConfig, dims: ParallelDims, tp_plan: TensorParallelPlan,
+def build_deepspeed_config(cfg: TrainConfig, dims: ParallelDims, tp_plan: TensorParallelPlan, model: nn.Module,
                            load_universal: bool = False) -> dict:
-    # DeepSpeed's default buckets (5e8 elements) pin ~1.9 GiB per rank at ZeRO-3 whatever the
-    # model size (measured for ViT-B/16 in BENCHMARKS.md); 5e7 keeps messages large enough.
-    zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": BUCKET_ELEMENTS,
-                  "allgather_bucket_size": BUCKET_ELEMENTS}
+    """DeepSpeed's config for ``model`` (what this process hands to ``deepspeed.initialize``)."""
+    bucket = bucket_elements(sum(p.numel() for p in model.parameters()))
+    zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if cfg.optim.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     config = {
@@ -36,6 +37,17 @@ def build_deepspeed_config(cfg: TrainConfig, dims: ParallelDims, tp_plan: Tensor
     if load_universal:  # the checkpoint to resume was converted for another layout
         config["checkpoint"] = {"load_universal": True}
     return config
+
+
+def bucket_elements(model_numel: int, limit: int = BUCKET_ELEMENTS) -> int:
+    """DeepSpeed's gradient-reduction and all-gather bucket, in elements: ``limit`` (5e7), or the
+    whole model where it is smaller, rounded up to 4096 elements (DeepSpeed wants a multiple of its
+    alignment factor). DeepSpeed's default (5e8) pins ~1.9 GiB per rank at ZeRO-3 whatever the model
+    (measured for ViT-B/16 in BENCHMARKS.md). And ZeRO 1/2 allocate a fresh bucket every step: on CPU
+    one above glibc's largest mmap threshold (32 MiB) is mapped anew and page-faulted as it fills,
+    every step (3,600 faults and ~10 ms of CPU a step for the tiny CLIP, 2 ranks, ZeRO 2). A bucket
+    that holds the whole model reduces the same gradients in the same one message."""
+    return min(limit, -(-model_numel // 4096) * 4096)
 
 
 def trainer_clips_gradients(cfg: TrainConfig, dims: ParallelDims) -> bool:
