@@ -151,7 +151,7 @@ def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
                                       lr_scheduler=build_scheduler(optimizer, cfg.optim, 10**6), config=config)
     if dims.dp == 1 and cfg.zero_stage == 0:
         engine.enable_backward_allreduce = False  # as the trainer does
-    rows = trainer_owns_gradients(cfg, dims) and variant == "vlm-train"
+    rows = trainer_owns_gradients(cfg, dims) and variant != "dense-embedding"
     embedding_grads = EmbeddingGradients(engine.module) if rows else None  # as the trainer does
     clipper = (GradientClipper(engine.module, cfg.optim.grad_clip, embedding_grads)
                if trainer_clips_gradients(cfg, dims) else None)
