@@ -274,7 +274,7 @@ def zero_memory_worker(stage: int, model_name: str, out_pattern: Path) -> None:
     model = spec.build(cfg.model)
     num_params = sum(p.numel() for p in model.parameters())
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, spec.no_weight_decay),
-                                      config=build_deepspeed_config(cfg, cfg.parallel_dims(1), spec.tp_plan))
+                                      config=build_deepspeed_config(cfg, cfg.parallel_dims(1), spec.tp_plan, model))
     loss_fn = spec.build_loss(cfg.model, None)
     images = torch.randn(1, 3, cfg.model.vision.image_size, cfg.model.vision.image_size)
     tokens = torch.randint(1, 49407, (1, cfg.model.text.context_length))

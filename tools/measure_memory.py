@@ -280,7 +280,7 @@ def main() -> None:
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg.optim, cfg.steps),
-                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+                                           config=build_deepspeed_config(cfg, dims, spec.tp_plan, model))
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     with torch.device(engine.device):
         # Random images and token ids; other integer or bool inputs (a family's masks and patch indices)

@@ -82,8 +82,8 @@ what it counts, per rank (GiB):
             <= 1e5 elements whole as DeepSpeed does
   grads     all gradients (ZeRO 0) or those of this rank's partition (ZeRO 1-3)
   optim     AdamW m and v in fp32, plus ZeRO's fp32 master weights; sharded over dp at ZeRO >= 1
-  buffers   DeepSpeed's gradient buckets (reduce_bucket_size elements at ZeRO 1-3; a flat copy of
-            the gradients at ZeRO 0)
+  buffers   DeepSpeed's gradient buckets (5e7 elements, or the stage's model if smaller, at ZeRO
+            1-3; a flat copy of the gradients at ZeRO 0)
   act       bytes saved for backward by one micro-batch (measured by a forward and the loss on the
             meta device; attention as memory-efficient kernels run it); act_ckpt with activation
             checkpointing per transformer block (block inputs plus one block's recompute)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlmtrain.config import OptimConfig
+from vlmtrain.embedding_grads import EmbeddingGradients
 
 
 def no_weight_decay(name: str, param: nn.Parameter, also: Sequence[str] = ()) -> bool:
@@ -54,16 +55,34 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
 
 
 class GradientClipper:
-    """Clip whole (unpartitioned) gradients to a global norm with fused kernels; keeps the norm."""
+    """Clip whole (unpartitioned) gradients to a global norm with fused kernels; keeps the norm.
 
-    def __init__(self, module: nn.Module, max_norm: float):
+    With ``embedding_grads``, an embedding's gradient enters the norm and the scale as the rows its
+    batch touched (the others are zero): the same norm up to summation order and the same scaled
+    values, without reading and writing the whole table.
+    """
+
+    def __init__(self, module: nn.Module, max_norm: float, embedding_grads: EmbeddingGradients | None = None):
         self.parameters = [p for p in module.parameters() if p.requires_grad]
         self.max_norm = max_norm
+        self.embedding_grads = embedding_grads
         self._norm = torch.zeros(())
 
+    @torch.no_grad()
     def clip(self) -> None:
         # The norm stays a tensor here: reading it (a host sync on GPUs) waits for a log step.
-        self._norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm, foreach=True)
+        if self.embedding_grads is None:
+            self._norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_norm, foreach=True)
+            return
+        rows = self.embedding_grads.touched_rows()
+        params = [p for p in self.parameters if p.grad is not None]
+        grads = [p.grad.index_select(0, rows[id(p)]) if id(p) in rows else p.grad for p in params]
+        # clip_grad_norm_'s rule on these tensors: scale by min(1, max / (norm + 1e-6)).
+        self._norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        torch._foreach_mul_(grads, torch.clamp(self.max_norm / (self._norm + 1e-6), max=1.0))
+        for p, grad in zip(params, grads):
+            if id(p) in rows:
+                p.grad.index_copy_(0, rows[id(p)], grad)
 
     def norm(self) -> float:
         """The global gradient norm before clipping, at the last optimizer step."""

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlmtrain.config import TrainConfig
-from vlmtrain.distributed.deepspeed_config import BUCKET_ELEMENTS
+from vlmtrain.distributed.deepspeed_config import BUCKET_ELEMENTS, bucket_elements
 from vlmtrain.errors import ConfigError
 from vlmtrain.models.registry import spec_of
 from vlmtrain.models.spec import TensorParallelPlan
@@ -167,13 +167,14 @@ def stage_memory(census: Census, layout: Layout, bf16: bool, bucket: int, stage:
         parameters = width * n
     # ZeRO 0: every gradient, and the flat copy DeepSpeed all-reduces at the end of the backward.
     # ZeRO 1-3: the gradients of this rank's partition, plus the reduction bucket of ``bucket``
-    # elements (allocated whole, however small the model). Copies made inside the optimizer step
-    # (bf16 gradients to fp32) are not counted: activations are freed by then.
+    # elements, or of the stage's whole model where smaller (the model before tensor parallelism
+    # splits it, as the engine passes it). Copies made inside the optimizer step (bf16 gradients to
+    # fp32) are not counted: activations are freed by then.
     if zero == 0:
         gradients, buffers = width * n, width * min(n, ZERO0_ALLREDUCE_ELEMENTS)
     else:
         partition = shard if zero == 3 else grads_held_by_partition(groups, dp)  # ZeRO-3 splits each parameter
-        gradients, buffers = width * partition, width * bucket
+        gradients, buffers = width * partition, width * bucket_elements(sum(p.numel for p in held), bucket)
     # AdamW's m and v in fp32; ZeRO keeps an fp32 master copy of its partition (also under fp32).
     optimizer = 8 * n + (4 * n if bf16 else 0) if zero == 0 else 12 * shard
     in_flight = min(layout.pp - stage, layout.micro_batches)  # 1F1B: stage s holds pp - s micro-batches

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from vlmtrain.embedding_grads import EmbeddingGradients
 from vlmtrain.optim import GradientClipper
 
 
@@ -26,11 +27,14 @@ class StepResult:
 
 def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int,
                clipper: GradientClipper | None = None,
-               seed_micro_batch: Callable[[int], None] | None = None) -> StepResult:
+               seed_micro_batch: Callable[[int], None] | None = None,
+               embedding_grads: EmbeddingGradients | None = None) -> StepResult:
     """One optimizer step: ``accum_steps`` micro-batches, DeepSpeed steps on the last one (after
     the gradients are clipped, where the trainer clips them). ``seed_micro_batch(micro)`` seeds the
     model's randomness before each forward (after the batch is read: a loader without workers
-    reseeds the global RNG per sample). A batch's extras reach the model as keyword arguments."""
+    reseeds the global RNG per sample). A batch's extras reach the model as keyword arguments.
+    ``embedding_grads`` (where the trainer owns the gradients) collects the embeddings' row gradients
+    after each backward and installs them as dense gradients before the clip and the update."""
     started = time.perf_counter()
     terms: dict[str, list[torch.Tensor]] = {}
     samples, skipped, waited, keys = 0, 0, 0.0, []
@@ -43,6 +47,10 @@ def train_step(engine, batches, loss_fn, dtype: torch.dtype, accum_steps: int,
         losses = loss_fn(engine(batch.images.to(engine.device, dtype), batch.tokens.to(engine.device),
                                 **to_device(batch.extras, engine.device, dtype)))
         engine.backward(losses["loss"])
+        if embedding_grads:
+            embedding_grads.accumulate()
+            if micro == accum_steps - 1:
+                embedding_grads.install()
         if clipper and micro == accum_steps - 1:
             clipper.clip()
         engine.step()

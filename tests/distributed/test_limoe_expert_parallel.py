@@ -51,7 +51,7 @@ def train_layout(rank: int, ep: int, zero: int) -> dict:
     optimizer = build_optimizer(model, cfg.optim, spec.no_weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       lr_scheduler=build_scheduler(optimizer, cfg.optim, cfg.steps),
-                                      config=build_deepspeed_config(cfg, dims, spec.tp_plan))
+                                      config=build_deepspeed_config(cfg, dims, spec.tp_plan, model))
     loss_fn = spec.build_loss(cfg.model, None)
     losses, first = [], None
     for step in range(STEPS):

@@ -7,13 +7,13 @@ pytestmark = pytest.mark.e2e
 
 
 def test_plan_prints_every_allowed_layout_and_why_the_others_are_refused():
-    result = run_tool("vlm-train", "plan", "configs/train/demo.yaml", "--world", "2", "--gpu-mem", "0.2",
+    result = run_tool("vlm-train", "plan", "configs/train/demo.yaml", "--world", "2", "--gpu-mem", "0.07",
                       "zero_stage=1")
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line[:4].strip().isdigit()]
     assert {(r[0], r[1], r[2]) for r in rows} == ({(z, tp, "1") for z in "0123" for tp in "12"}
                                                   | {(z, "1", "2") for z in "01"})
-    assert {r[-1] for r in rows} <= {"yes", "ckpt", "no"} and "no" in {r[-1] for r in rows}  # 0.2 GiB: ZeRO 1-3 buckets alone are 0.19
+    assert {r[-1] for r in rows} <= {"yes", "ckpt", "no"} and "no" in {r[-1] for r in rows}  # 0.07 GiB: some need 0.09 even checkpointed
     assert "parallel.pp=2 needs zero_stage <= 1" in result.stdout  # ZeRO 2 and 3 with two stages
 
 
