@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -221,3 +222,34 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=0, msg=name)
+
+
+def assert_weights_within_norm(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                               rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Each tensor (same full shape) equal to ``rtol`` of its norm, no element off by more than 10·atol: the
+    bound for runs that sum in another order (tensor parallelism, ZeRO partitions; see test_tensor_parallel)."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert actual[name].shape == expected[name].shape, name
+        assert (actual[name] - expected[name]).norm() <= rtol * expected[name].norm() + atol, name
+        torch.testing.assert_close(actual[name], expected[name], atol=10 * atol, rtol=rtol, msg=name)
+
+
+def records_by_step(*run_dirs: Path) -> dict[int, dict]:
+    """The metrics records of one run told by several directories in order (a run, then its resumed
+    continuation), by step; a later directory's record of a step replaces an earlier one's."""
+    return {record["step"]: record for run_dir in run_dirs for record in metrics(run_dir)}
+
+
+def assert_same_steps(run: Path, reference: Path, keys: tuple[str, ...], steps: list[int],
+                      rtol: float, atol: float) -> None:
+    """``run`` logged ``steps`` and each of ``keys`` at each of them equal to ``reference``'s; the gradient
+    norm (which sees a gradient scaled as a whole, as AdamW hardly does) to 10·rtol, where both report it."""
+    actual, expected = records_by_step(run), records_by_step(reference)
+    assert [step for step in actual if step in steps] == steps
+    for key in keys:
+        assert [actual[s][key] for s in steps] == pytest.approx([expected[s][key] for s in steps],
+                                                                abs=atol, rel=rtol), key
+    norms = [(actual[s]["grad_norm"], expected[s]["grad_norm"]) for s in steps
+             if "grad_norm" in actual[s] and "grad_norm" in expected[s]]
+    assert [a for a, _ in norms] == pytest.approx([e for _, e in norms], rel=10 * rtol)

@@ -1,85 +1,94 @@
-"""MaskVLM trained for real (DeepSpeed on gloo, the generated corpus), in three launches:
+"""MaskVLM trained for real (DeepSpeed on gloo, the generated corpus), in three launches shared by the tests:
 
-- a 2-rank run of the tiny preset, tensor-parallel (tp=2) under ZeRO-3, that lowers the ITC, MLM and MIM
-  terms (ITM stays at chance, ln 2, until the modalities are aligned: the unit tests train it on one
-  batch, and the 300-step benchmark run lowers it), checkpoints at the half, exports, and is
-  evaluated by ``vlm-eval``;
-- one unsharded rank under ZeRO-0 on the same batches: equal per-step losses (1e-5) and final weights,
-  so tensor parallelism (the decoders' cross-attention included) and ZeRO-3's gathering (each encoder
-  and decoder runs more than once per step) change nothing;
-- the 2-rank run resumed from its half-way checkpoint in another directory: the same losses and
-  weights (the masks come from the samples' positions and the ITM swaps from the per-step seed, so
-  both replay).
+- ``dp2``: 2 data-parallel ranks at ZeRO 0, 5 steps, checkpointing at step 2 (the reference);
+- ``dp2_tp2_zero3``: 4 ranks, dp=2 × tp=2 under ZeRO 3, equal to the reference in every loss term at every
+  step and in its final weights (fp32, 1e-5). ZeRO 3 partitions each parameter over the 2 data-parallel
+  ranks and must gather each encoder and decoder for every one of its calls per step; tp=2 (the decoders'
+  cross-attention included) ≡ tp=1 at dp=2; and ITC is gathered over the data-parallel group only;
+- ``trained``: the reference resumed from step 2 in a new directory and trained on to step 170: steps 3–5
+  are the reference's (exact resume: the masks come from the samples' positions and the ITM swaps from
+  the per-step seed, so both replay), every loss term goes down, and ``vlm-eval`` evaluates its export.
+
+Warm-up lasts the 5 parity steps, so their learning rates do not depend on the run's length.
+
+Why 170 steps: ITM is balanced (each image with its own caption and a swapped one), so only telling the
+pairs apart lowers it, and that needs towers ITC has aligned first. Here it stays at ln 2 until step ≈90,
+then falls to ≈0.59 by step 170; a run 130 steps long, its learning rate decayed sooner, ends at 0.68, and
+the 10 steps this module used to train left it at chance (measured 2026-12-06, load 8).
 """
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 from tests.conftest import run_tool
-from tests.helpers import assert_same_weights, exported_weights, losses, metrics, train
+from tests.helpers import (assert_same_steps, assert_weights_within_norm, exported_weights, losses,
+                           records_by_step, train)
 
 pytestmark = pytest.mark.dist
 
-COMMON = ("log_every=1", "data.batch_size=8", "optim.warmup_steps=2", "optim.lr=2e-3")
-STEPS, HALF = 10, 5
+STEPS, RESUME_AT, TRAINED_STEPS, WINDOW = 5, 2, 170, 10
 TERMS = ("loss/itc", "loss/itm", "loss/mlm", "loss/mim")
-LEARNED_IN_A_SHORT_RUN = ("loss/itc", "loss/mlm", "loss/mim")
-TP2 = ("parallel.tp=2", "zero_stage=3", f"checkpoint.every={HALF}")
+CONFIG = "configs/train/maskvlm_tiny.yaml"
+COMMON = ("log_every=1", "data.batch_size=16", f"optim.warmup_steps={STEPS}", "optim.lr=2e-3")
+ATOL = RTOL = 1e-5
 
 
-def maskvlm_train(corpus, out, ranks, *overrides):
-    return train(corpus, out, ranks, *COMMON, f"steps={STEPS}", *overrides, config="configs/train/maskvlm_tiny.yaml")
+def maskvlm_train(corpus, out_dir, ranks: int, *overrides: str):
+    return train(corpus, out_dir, ranks, *COMMON, *overrides, config=CONFIG)
 
 
 @pytest.fixture(scope="module")
-def runs(small_corpus, tmp_path_factory):
-    runs = {name: tmp_path_factory.mktemp(name) for name in ("tp2_zero3", "tp1_zero0", "tp2_resumed")}
-    maskvlm_train(small_corpus, runs["tp2_zero3"], 2, *TP2)
-    maskvlm_train(small_corpus, runs["tp1_zero0"], 1, "zero_stage=0")
-    runs["resume_log"] = maskvlm_train(small_corpus, runs["tp2_resumed"], 2, *TP2, "resume=" + str(
-        runs["tp2_zero3"] / "checkpoints" / f"step_{HALF:07d}")).stdout
-    return runs
+def runs(small_corpus, tmp_path_factory) -> dict:
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("dp2", "dp2_tp2_zero3", "trained")}
+    maskvlm_train(small_corpus, dirs["dp2"], 2, f"steps={STEPS}", "zero_stage=0", f"checkpoint.every={RESUME_AT}")
+    maskvlm_train(small_corpus, dirs["dp2_tp2_zero3"], 4, f"steps={STEPS}", "parallel.tp=2", "zero_stage=3")
+    checkpoint = dirs["dp2"] / "checkpoints" / f"step_{RESUME_AT:07d}"
+    dirs["resume_log"] = maskvlm_train(small_corpus, dirs["trained"], 2, f"steps={TRAINED_STEPS}",
+                                       "zero_stage=0", f"resume={checkpoint}").stdout
+    return dirs
 
 
-def test_tp2_zero3_equals_one_unsharded_rank_at_zero0(runs):
-    reference, run = runs["tp1_zero0"], runs["tp2_zero3"]
-    for term in ("loss", *TERMS):
-        expected = [r[term] for r in metrics(reference)]
-        assert [r[term] for r in metrics(run)] == pytest.approx(expected, abs=1e-5, rel=1e-5), term
-    assert json.loads((run / "train_summary.json").read_text())["parallel"] == {"dp": 1, "tp": 2, "pp": 1}
-    expected = exported_weights(reference)
-    actual = exported_weights(run)
-    assert actual.keys() == expected.keys()
-    for name in expected:  # as test_tensor_parallel: 1e-5 of each tensor's norm, 1e-4 per element
-        assert actual[name].shape == expected[name].shape, name
-        assert (actual[name] - expected[name]).norm() <= 1e-5 * expected[name].norm() + 1e-5, name
-    assert_same_weights(actual, expected, atol=1e-4)
-
-
-def test_a_two_rank_run_lowers_the_loss_terms(runs):
-    records = metrics(runs["tp2_zero3"])
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    assert all(abs(r["loss/itm"] - 0.693) < 0.05 for r in records)  # at chance, finite
-    for term in LEARNED_IN_A_SHORT_RUN:
-        values = [r[term] for r in records]
-        first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
-        assert last < first, f"{term}: {values}"
-    assert json.loads((runs["tp2_zero3"] / "final" / "vlmtrain.json").read_text())["family"] == "maskvlm"
+def test_dp2_tp2_under_zero3_on_4_ranks_equals_dp2_at_zero0(runs):
+    run, reference = runs["dp2_tp2_zero3"], runs["dp2"]
+    assert_same_steps(run, reference, ("loss", *TERMS), list(range(1, STEPS + 1)), rtol=RTOL, atol=ATOL)
+    expected = losses(reference)
+    assert max(expected.values()) - min(expected.values()) > 0.1, "the loss did not move"
+    assert_weights_within_norm(exported_weights(run), exported_weights(reference), rtol=RTOL, atol=ATOL)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["parallel"] == {"dp": 2, "tp": 2, "pp": 1} and summary["global_batch"] == 32
 
 
 def test_a_resumed_run_continues_exactly(runs):
-    assert f"at step {HALF}" in runs["resume_log"]
-    straight, resumed = losses(runs["tp2_zero3"]), losses(runs["tp2_resumed"])
-    assert sorted(resumed) == list(range(HALF + 1, STEPS + 1))
-    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([straight[s] for s in sorted(resumed)], abs=1e-6)
-    assert_same_weights(exported_weights(runs["tp2_resumed"]), exported_weights(runs["tp2_zero3"]), atol=1e-6)
+    assert f"at step {RESUME_AT}" in runs["resume_log"]
+    assert min(records_by_step(runs["trained"])) == RESUME_AT + 1  # it logged from the step after
+    assert_same_steps(runs["trained"], runs["dp2"], ("loss", *TERMS, "lr"), list(range(RESUME_AT + 1, STEPS + 1)),
+                      rtol=0, atol=1e-6)
+
+
+def test_a_two_rank_run_lowers_every_loss_term(runs):
+    """Mean of the last 10 steps below the mean of the first 10 (steps 1–2 from the run it resumed), for
+    each term; ITC below chance, ln 32 (global batch 32), and ITM clearly below ln 2: learned, not only
+    relaxed from the initial spread of the logits."""
+    records = records_by_step(runs["dp2"], runs["trained"])
+    assert sorted(records) == list(range(1, TRAINED_STEPS + 1))
+    means = {}
+    for term in TERMS:
+        values = [records[step][term] for step in sorted(records)]
+        assert torch.isfinite(torch.tensor(values)).all(), term
+        means[term] = sum(values[:WINDOW]) / WINDOW, sum(values[-WINDOW:]) / WINDOW
+        assert means[term][1] < means[term][0], f"{term}: {values}"
+    assert means["loss/itc"][1] < math.log(32)
+    assert means["loss/itm"][1] < math.log(2) - 0.05
+    assert json.loads((runs["trained"] / "final" / "vlmtrain.json").read_text())["family"] == "maskvlm"
 
 
 def test_vlm_eval_evaluates_the_export(runs, small_corpus, tmp_path):
     out = tmp_path / "results.json"
-    result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(runs["tp2_zero3"]), "--data",
+    result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(runs["trained"]), "--data",
                       str(small_corpus / "eval"), "--out", str(out), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     records = {r["dataset"]: r for r in json.loads(out.read_text())}

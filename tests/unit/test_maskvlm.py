@@ -140,7 +140,11 @@ def test_itm_pairs_each_image_with_its_own_caption_and_a_swapped_one(batch, run)
     torch.testing.assert_close(text, torch.cat([caption_tokens, caption_tokens[partner]]))
     torch.testing.assert_close(image, torch.cat([image_tokens, image_tokens]))  # image i in rows i and B+i
     assert torch.equal(text_mask, torch.cat([batch["tokens"], batch["tokens"][partner]]) != 0)
-    torch.testing.assert_close(out["itm_logits"], run["model"].text_decoder.itm_head(itm_output[:, 0]))
+    # Read where ITC pools the caption: at its EOT, wherever the caption ends.
+    eot = torch.cat([batch["tokens"], batch["tokens"][partner]]).argmax(dim=-1)
+    assert len(set(eot.tolist())) > 1
+    at_eot = itm_output[torch.arange(6), eot]
+    torch.testing.assert_close(out["itm_logits"], run["model"].text_decoder.itm_head(at_eot))
 
 
 def test_the_mlm_decoder_sees_the_unmasked_image_and_the_mim_decoder_the_unmasked_text(batch, run):

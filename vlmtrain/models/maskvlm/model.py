@@ -61,7 +61,8 @@ class TextEncoder(TextTower):
 
 class TextDecoder(nn.Module):
     """Text tokens attending to image tokens; an MLM head (vocabulary logits) and an ITM head (matched
-    or not, read at the start-of-text position, which bidirectional self-attention makes a summary)."""
+    or not, read at the caption's EOT position: the token ITC pools, as ALBEF's ITM reads the [CLS] its
+    ITC pools, so ITM starts from the text summary the contrastive term aligns with the image)."""
 
     def __init__(self, cfg: MaskVLMConfig):
         super().__init__()
@@ -156,7 +157,9 @@ class MaskVLM(nn.Module):
         partner, labels = partner.to(tokens.device), labels.to(tokens.device)
         matched = self.text_decoder(torch.cat([text_tokens, text_tokens[partner]]),
                                     torch.cat([text_mask, text_mask[partner]]), image_tokens.repeat(2, 1, 1))
-        itm_logits = self.text_decoder.itm_head(matched[:, 0])
+        pairs = torch.cat([tokens, tokens[partner]])
+        itm_logits = self.text_decoder.itm_head(matched[torch.arange(len(pairs), device=pairs.device),
+                                                        pairs.argmax(dim=-1)])  # at each caption's EOT
 
         return {"image_features": F.normalize(image_features, dim=-1),
                 "text_features": F.normalize(text_features, dim=-1),
