@@ -253,3 +253,44 @@ def assert_same_steps(run: Path, reference: Path, keys: tuple[str, ...], steps: 
     norms = [(actual[s]["grad_norm"], expected[s]["grad_norm"]) for s in steps
              if "grad_norm" in actual[s] and "grad_norm" in expected[s]]
     assert [a for a, _ in norms] == pytest.approx([e for _, e in norms], rel=10 * rtol)
+
+
+# A masking family's layout tests (FLAVA, MaskVLM) share three launches; see test_flava.py.
+PARITY_STEPS, RESUME_AT = 5, 2
+
+
+def family_layout_runs(corpus: Path, tmp_path_factory, config: str, common: tuple[str, ...],
+                       trained_steps: int) -> dict:
+    """``dp2``: 2 ranks at ZeRO 0, ``PARITY_STEPS`` steps, checkpointed at ``RESUME_AT`` (the reference);
+    ``dp2_tp2_zero3``: 4 ranks, dp=2 × tp=2 under ZeRO 3, the same steps; ``trained``: ``dp2`` resumed from
+    its checkpoint in a new directory and trained on to ``trained_steps`` (``resume_log``: its stdout)."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("dp2", "dp2_tp2_zero3", "trained")}
+    train(corpus, dirs["dp2"], 2, *common, f"steps={PARITY_STEPS}", "zero_stage=0",
+          f"checkpoint.every={RESUME_AT}", config=config)
+    train(corpus, dirs["dp2_tp2_zero3"], 4, *common, f"steps={PARITY_STEPS}", "parallel.tp=2", "zero_stage=3",
+          config=config)
+    checkpoint = dirs["dp2"] / "checkpoints" / f"step_{RESUME_AT:07d}"
+    dirs["resume_log"] = train(corpus, dirs["trained"], 2, *common, f"steps={trained_steps}", "zero_stage=0",
+                               f"resume={checkpoint}", config=config).stdout
+    return dirs
+
+
+def assert_dp2_tp2_zero3_equals_dp2(runs: dict, terms: tuple[str, ...], global_batch: int,
+                                    rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Every term at every step and the exported weights equal, with a loss that moved (so agreement means
+    something) and the layout the summary reports."""
+    run, reference = runs["dp2_tp2_zero3"], runs["dp2"]
+    assert_same_steps(run, reference, ("loss", *terms), list(range(1, PARITY_STEPS + 1)), rtol=rtol, atol=atol)
+    expected = losses(reference)
+    assert max(expected.values()) - min(expected.values()) > 0.1, "the loss did not move"
+    assert_weights_within_norm(exported_weights(run), exported_weights(reference), rtol=rtol, atol=atol)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["parallel"] == {"dp": 2, "tp": 2, "pp": 1} and summary["global_batch"] == global_batch
+
+
+def assert_resume_continues_exactly(runs: dict, terms: tuple[str, ...]) -> None:
+    """The resumed run starts after its checkpoint and replays the reference's later steps (masks, swaps, lr)."""
+    assert f"at step {RESUME_AT}" in runs["resume_log"]
+    assert min(records_by_step(runs["trained"])) == RESUME_AT + 1  # it logged from the step after
+    assert_same_steps(runs["trained"], runs["dp2"], ("loss", *terms, "lr"),
+                      list(range(RESUME_AT + 1, PARITY_STEPS + 1)), rtol=0, atol=1e-6)

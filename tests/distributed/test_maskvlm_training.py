@@ -25,48 +25,29 @@ import pytest
 import torch
 
 from tests.conftest import run_tool
-from tests.helpers import (assert_same_steps, assert_weights_within_norm, exported_weights, losses,
-                           records_by_step, train)
+from tests.helpers import (PARITY_STEPS, assert_dp2_tp2_zero3_equals_dp2, assert_resume_continues_exactly,
+                           family_layout_runs, records_by_step)
 
 pytestmark = pytest.mark.dist
 
-STEPS, RESUME_AT, TRAINED_STEPS, WINDOW = 5, 2, 170, 10
+TRAINED_STEPS, WINDOW = 170, 10
 TERMS = ("loss/itc", "loss/itm", "loss/mlm", "loss/mim")
 CONFIG = "configs/train/maskvlm_tiny.yaml"
-COMMON = ("log_every=1", "data.batch_size=16", f"optim.warmup_steps={STEPS}", "optim.lr=2e-3")
+COMMON = ("log_every=1", "data.batch_size=16", f"optim.warmup_steps={PARITY_STEPS}", "optim.lr=2e-3")
 ATOL = RTOL = 1e-5
-
-
-def maskvlm_train(corpus, out_dir, ranks: int, *overrides: str):
-    return train(corpus, out_dir, ranks, *COMMON, *overrides, config=CONFIG)
 
 
 @pytest.fixture(scope="module")
 def runs(small_corpus, tmp_path_factory) -> dict:
-    dirs = {name: tmp_path_factory.mktemp(name) for name in ("dp2", "dp2_tp2_zero3", "trained")}
-    maskvlm_train(small_corpus, dirs["dp2"], 2, f"steps={STEPS}", "zero_stage=0", f"checkpoint.every={RESUME_AT}")
-    maskvlm_train(small_corpus, dirs["dp2_tp2_zero3"], 4, f"steps={STEPS}", "parallel.tp=2", "zero_stage=3")
-    checkpoint = dirs["dp2"] / "checkpoints" / f"step_{RESUME_AT:07d}"
-    dirs["resume_log"] = maskvlm_train(small_corpus, dirs["trained"], 2, f"steps={TRAINED_STEPS}",
-                                       "zero_stage=0", f"resume={checkpoint}").stdout
-    return dirs
+    return family_layout_runs(small_corpus, tmp_path_factory, CONFIG, COMMON, TRAINED_STEPS)
 
 
 def test_dp2_tp2_under_zero3_on_4_ranks_equals_dp2_at_zero0(runs):
-    run, reference = runs["dp2_tp2_zero3"], runs["dp2"]
-    assert_same_steps(run, reference, ("loss", *TERMS), list(range(1, STEPS + 1)), rtol=RTOL, atol=ATOL)
-    expected = losses(reference)
-    assert max(expected.values()) - min(expected.values()) > 0.1, "the loss did not move"
-    assert_weights_within_norm(exported_weights(run), exported_weights(reference), rtol=RTOL, atol=ATOL)
-    summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["parallel"] == {"dp": 2, "tp": 2, "pp": 1} and summary["global_batch"] == 32
+    assert_dp2_tp2_zero3_equals_dp2(runs, TERMS, global_batch=32, rtol=RTOL, atol=ATOL)
 
 
 def test_a_resumed_run_continues_exactly(runs):
-    assert f"at step {RESUME_AT}" in runs["resume_log"]
-    assert min(records_by_step(runs["trained"])) == RESUME_AT + 1  # it logged from the step after
-    assert_same_steps(runs["trained"], runs["dp2"], ("loss", *TERMS, "lr"), list(range(RESUME_AT + 1, STEPS + 1)),
-                      rtol=0, atol=1e-6)
+    assert_resume_continues_exactly(runs, TERMS)
 
 
 def test_a_two_rank_run_lowers_every_loss_term(runs):
