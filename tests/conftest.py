@@ -33,6 +33,15 @@ def run_tool(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def failure_text(stderr: str | subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """What a failed run's assertion should show: the end of its stderr and, before it, the stack every
+    crashed rank printed (faulthandler's "Fatal Python error" block), which a rank's death pushes far
+    above the launcher's summary."""
+    text = stderr if isinstance(stderr, str) else stderr.stderr
+    crashes = [block[:4000] for block in text.split("Fatal Python error")[1:]]
+    return "".join(f"Fatal Python error{block}\n[...]\n" for block in crashes) + text[-tail:]
+
+
 def generate_corpus(out: Path, *, seed: int, num_train: int, samples_per_shard: int, eval_per_class: int) -> Path:
     """Run the demo generator: OUT/train (shards + ground-truth index.parquet) and OUT/eval."""
     result = run_tool("tools/make_demo_data.py", "--out", str(out), "--seed", str(seed), "--num-train",

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, failure_text
 from vlmtrain.configlib import to_dict
 from vlmtrain.models.registry import get_spec
 
@@ -63,7 +63,7 @@ def measure_memory(out_dir, overrides: list[str], nproc: int = 2) -> list[dict]:
                "--config", str(REPO / "configs/train/demo.yaml"), "--out", str(out_dir), *overrides]
     result = subprocess.run(command, cwd=REPO, env={**cli_env(), "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(nproc)]
 
 
@@ -144,7 +144,7 @@ def train(corpus: Path, out_dir: Path, ranks: int, *overrides: str,
     from tests.conftest import run_tool
 
     result = run_tool(*train_command(corpus, out_dir, ranks, *overrides, config=config))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     return result
 
 
@@ -191,7 +191,7 @@ def kill_at_failpoint(command: list[str], failpoint: str, timeout: float = 600) 
             kill_tree(process.pid)
     result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode != 0 and "Signal 9 (SIGKILL)" in stderr, \
-        f"the run was not killed at {failpoint}: code {result.returncode}\n{stderr[-3000:]}"
+        f"the run was not killed at {failpoint}: code {result.returncode}\n{failure_text(stderr)}"
     return result
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 
 pytestmark = pytest.mark.dist
 
@@ -20,7 +20,7 @@ def two_rank_run(small_corpus, tmp_path_factory):
                       "steps=80", "log_every=1", "data.batch_size=16", "data.shuffle_buffer=64",
                       "optim.warmup_steps=10", "optim.lr=2e-3", "progress=false",
                       "eval.every=40", f"eval.datasets=[{small_corpus / 'eval' / 'shapes'}]")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     return run_dir
 
 
@@ -71,7 +71,7 @@ def test_in_training_eval_equals_vlm_eval_on_the_final_weights(two_rank_run, sma
     out = tmp_path / "final.json"
     result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(two_rank_run),
                       "--data", str(small_corpus / "eval" / "shapes"), "--out", str(out), "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     [record] = json.loads(out.read_text())
     for name, value in record["metrics"].items():
         assert evals[-1][f"eval/shapes/{name}"] == pytest.approx(value, abs=1e-6), name

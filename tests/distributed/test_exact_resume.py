@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 from tests.helpers import (assert_same_weights, exported_weights, keys_per_step, kill_at_failpoint,
                            kill_while_writing, losses)
 
@@ -44,7 +44,7 @@ def train_command(corpus: Path, out_dir: Path, *extra: str) -> list[str]:
 def straight(small_corpus, tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("uninterrupted")
     result = run_tool(*train_command(small_corpus, out_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     return out_dir
 
 
@@ -65,7 +65,7 @@ def chain(small_corpus, tmp_path_factory) -> dict:
         after_kills.append({"latest": latest, "complete": (checkpoints / latest / "vlmtrain_state.json").is_file(),
                             "checkpoints": sorted(p.name for p in checkpoints.glob("step_*"))})
     finished = run_tool(*train_command(small_corpus, run, "resume=latest"))
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.returncode == 0, failure_text(finished)
     return {"dir": run, "after_kills": after_kills, "resume_logs": [*resume_logs, finished.stdout]}
 
 

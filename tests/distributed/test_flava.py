@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 from tests.helpers import (PARITY_STEPS, assert_dp2_tp2_zero3_equals_dp2, assert_resume_continues_exactly,
                            family_layout_runs, records_by_step, train_command)
 
@@ -76,7 +76,7 @@ def test_vlm_eval_evaluates_the_export(runs, small_corpus, tmp_path):
     out = tmp_path / "results.json"
     result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(runs["trained"]), "--data",
                       str(small_corpus / "eval"), "--out", str(out), "--batch-size", "64", "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     records = {r["dataset"]: r for r in json.loads(out.read_text())}
     assert set(records) == {"shapes", "digits", "retrieval"}
     assert 0.0 <= records["shapes"]["metrics"]["acc1"] <= 1.0

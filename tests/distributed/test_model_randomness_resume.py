@@ -6,7 +6,7 @@ its base seed from it), and with the per-micro-batch seeding switched off this t
 replayed step's loss was 3.69 instead of 3.37)."""
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 from tests.helpers import keys_per_step, kill_at_failpoint, losses, train_command
 
 pytestmark = pytest.mark.dist
@@ -22,7 +22,7 @@ def test_patch_dropout_and_drop_path_resume_exactly(small_corpus, tmp_path):
     killed, killed_keys = losses(tmp_path), keys_per_step(tmp_path)
     assert sorted(killed) == [1, 2]
     result = run_tool(*command, "resume=latest")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     assert "at step 1" in result.stdout
     resumed, resumed_keys = losses(tmp_path), keys_per_step(tmp_path)
     assert sorted(resumed) == [1, 2, 3]

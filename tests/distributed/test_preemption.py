@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, cli_env, run_tool
+from tests.conftest import REPO, cli_env, failure_text, run_tool
 
 pytestmark = pytest.mark.dist
 
@@ -48,7 +48,7 @@ def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes_from_there(small_c
     assert steps_logged[-1] == saved >= 3
 
     resumed = run_tool(*command(small_corpus, run_dir, f"steps={saved + 2}", "resume=latest"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure_text(resumed)
     assert f"at step {saved}" in resumed.stdout
     steps_logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps_logged == list(range(1, saved + 3))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 
 pytestmark = pytest.mark.dist
 STEPS = 30
@@ -14,7 +14,7 @@ def train(corpus, out_dir, *overrides):
                       f"data.train_shards={corpus / 'train'}", f"output_dir={out_dir}", f"steps={STEPS}",
                       "log_every=1", "data.batch_size=16", "data.shuffle_buffer=64", "optim.warmup_steps=5",
                       "zero_stage=1", "model.loss=siglip", "metrics.tensorboard=false", "progress=false", *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 

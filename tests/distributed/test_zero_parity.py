@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 
 pytestmark = pytest.mark.dist
 
@@ -29,7 +29,7 @@ def train(corpus, out_dir, overrides):
                       f"optim.grad_clip={CLIP_AT}", "optim.warmup_steps=2", "optim.lr=2e-3",
                       "model.init_logit_scale=5.0",
                       "metrics.tensorboard=false", "progress=false", *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 

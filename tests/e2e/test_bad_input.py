@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -85,12 +85,12 @@ def test_retraining_into_a_used_run_directory_is_refused_unless_overwritten(tmp_
                         "metrics.tensorboard=false", *extra)
 
     first = train("steps=3")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, failure_text(first)
     again = train("steps=2")
     assert_one_clear_error(again, "vlm-train", "already holds a run", "resume=latest", "overwrite=true")
 
     fresh = train("steps=2", "overwrite=true")
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.returncode == 0, failure_text(fresh)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000001", "step_0000002"]
     assert (checkpoints / "latest").read_text() == "step_0000002"

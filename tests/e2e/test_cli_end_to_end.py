@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -15,13 +15,13 @@ def test_generate_train_and_evaluate_through_the_clis(small_corpus, tmp_path):
                      f"data.train_shards={small_corpus / 'train'}", f"output_dir={run_dir}",
                      "steps=6", "log_every=2", "data.batch_size=8", "data.shuffle_buffer=16",
                      "optim.warmup_steps=2", "progress=false")
-    assert train.returncode == 0, train.stderr[-3000:]
+    assert train.returncode == 0, failure_text(train)
     assert (run_dir / "final" / "model.safetensors").is_file()
 
     results_file = tmp_path / "results.json"
     evaluation = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(run_dir),
                           "--data", str(small_corpus / "eval"), "--out", str(results_file), "--no-progress")
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert evaluation.returncode == 0, failure_text(evaluation)
 
     records = {r["dataset"]: r for r in json.loads(results_file.read_text())}
     assert set(records) == {"shapes", "digits", "retrieval"}
@@ -55,7 +55,7 @@ def test_training_can_start_from_a_checkpoint_open_clip_saved(small_corpus, tmp_
     train = run_tool("vlm-train", "--config", "configs/train/demo.yaml", f"data.train_shards={small_corpus / 'train'}",
                      f"output_dir={run_dir}", "steps=1", "optim.warmup_steps=1", "optim.lr=0", "data.batch_size=8",
                      "data.shuffle_buffer=8", f"init_from={tmp_path / 'open_clip.pt'}", "progress=false")
-    assert train.returncode == 0, train.stderr[-3000:]
+    assert train.returncode == 0, failure_text(train)
 
     # With a learning rate of 0 the exported weights are exactly the imported ones.
     expected = from_openclip_state_dict(theirs.state_dict(), model_cfg)

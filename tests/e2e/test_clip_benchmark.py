@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env, run_tool
+from tests.conftest import REPO, cli_env, failure_text, run_tool
 
 pytestmark = pytest.mark.e2e
 CLIP_BENCHMARK = REPO / "build" / "clip_benchmark"
@@ -28,10 +28,10 @@ def openclip_dir(small_corpus, tmp_path_factory):
                      f"data.train_shards={small_corpus / 'train'}", f"output_dir={run_dir}", "steps=40",
                      "log_every=20", "data.batch_size=32", "optim.warmup_steps=2", "progress=false",
                      "metrics.tensorboard=false")
-    assert train.returncode == 0, train.stderr[-3000:]
+    assert train.returncode == 0, failure_text(train)
     out = run_dir / "openclip"
     export = run_tool("tools/openclip_convert.py", "export", str(run_dir), str(out))
-    assert export.returncode == 0, export.stderr[-3000:]
+    assert export.returncode == 0, failure_text(export)
     return out
 
 
@@ -45,7 +45,7 @@ def clip_benchmark(dataset_root, model_dir, output, task: str) -> dict:
                "--no_amp", "--num_workers", "0", "--batch_size", "64", "--recall_k", *map(str, RECALL_K),
                "--output", str(output)]
     result = subprocess.run(command, cwd=output.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     return json.loads(output.read_text())
 
 
@@ -55,7 +55,7 @@ def test_clip_benchmark_reads_the_generated_sets_and_agrees_with_vlm_eval(small_
     ours_file = tmp_path / "vlm_eval.json"
     ours = run_tool("vlm-eval", "zeroshot", "--model", f"local-dir:{openclip_dir}", "--data",
                     str(small_corpus / "eval"), "--out", str(ours_file), "--batch-size", "64", "--no-progress")
-    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert ours.returncode == 0, failure_text(ours)
     records = {r["dataset"]: r["metrics"] for r in json.loads(ours_file.read_text())}
 
     for name in ("shapes", "digits"):

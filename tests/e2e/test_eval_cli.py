@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_tool
+from tests.conftest import failure_text, run_tool
 from tests.helpers import build_clip as build_model, clip_config
 from vlmtrain.checkpoint import write_export
 
@@ -29,7 +29,7 @@ def test_zeroshot_writes_json_table_and_confusion_pngs(small_corpus, export, tmp
     result = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(export), "--data", str(small_corpus / "eval"),
                       "--out", str(out), "--batch-size", "64", "--no-progress")
 
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     records = {r["dataset"]: r for r in json.loads(out.read_text())}
     assert set(records) == {"shapes", "digits", "retrieval"}
     for name in ("shapes", "digits"):
@@ -49,7 +49,7 @@ def test_retrieval_command_evaluates_only_retrieval_sets(small_corpus, export, t
     result = run_tool("vlm-eval", "retrieval", "--checkpoint", str(export), "--data", str(small_corpus / "eval"),
                       "--out", str(out), "--no-progress")
 
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     assert [r["dataset"] for r in json.loads(out.read_text())] == ["retrieval"]
 
 
@@ -62,7 +62,7 @@ def test_suite_tool_evaluates_every_listed_set(small_corpus, export, tmp_path):
 
     result = run_tool("tools/zeroshot_eval.py", str(tmp_path / "suite.yaml"), "batch_size=32", "--no-progress")
 
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_text(result)
     records = {r["dataset"]: r for r in json.loads((tmp_path / "suite.json").read_text())}
     assert list(records) == ["shapes", "digits", "digits_bare_prompt", "retrieval"]
     assert records["digits_bare_prompt"]["metrics"]["num_samples"] == records["digits"]["metrics"]["num_samples"]

@@ -15,7 +15,7 @@ import webdataset as wds
 
 from data_pipeline.config import load_curate_config
 from data_pipeline.pipeline import run
-from tests.conftest import REPO, cli_env, run_tool
+from tests.conftest import REPO, cli_env, failure_text, run_tool
 from tests.pipeline.conftest import bad_samples
 
 pytestmark = pytest.mark.e2e
@@ -130,7 +130,7 @@ def test_a_killed_run_resumes_to_byte_identical_shards_and_decisions(curated_poo
     assert 2 <= done_before < 6 and not (out / "manifest.json").exists()
 
     second = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, failure_text(second)
     assert f"({done_before} from an earlier run)" in second.stdout
     assert (out / "decisions.parquet").read_bytes() == (curated_pool / "decisions.parquet").read_bytes()
     shards = sorted(p.name for p in (curated_pool / "shards").glob("*.tar"))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, cli_env, run_tool
+from tests.conftest import REPO, cli_env, failure_text, run_tool
 from tests.helpers import assert_same_weights, exported_weights, losses, train
 from tests.slurm.conftest import CONF, PROFILE, Cluster
 
@@ -69,7 +69,7 @@ def jobs(slurm_cluster: Cluster, small_corpus, tmp_path_factory) -> Jobs:
                             "--profile", str(PROFILE), "train", "--config", "configs/train/demo.yaml",
                             f"data.train_shards={small_corpus / 'train'}", f"output_dir={train_dir}",
                             "metrics.tensorboard=false", "progress=false", *TRAIN)
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    assert submitted.returncode == 0, failure_text(submitted)
     train_job = submitted.stdout.split("submitted job ")[1].split(";")[0]
 
     # Curation: hostile config path (with a newline) and output_dir, rendered by --dry-run, run by sbatch.
@@ -86,7 +86,7 @@ def jobs(slurm_cluster: Cluster, small_corpus, tmp_path_factory) -> Jobs:
     rendered = submit_tool("--dry-run", "--nodes", "2", "--cpus-per-node", "2", "--job-name", "vlm-test-curate",
                            "--profile", str(PROFILE), "curate", str(config), f"output_dir={curate_out}", *overrides,
                            cwd=root)
-    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert rendered.returncode == 0, failure_text(rendered)
     script = root / "curate.sbatch"
     script.write_text(rendered.stdout)
     sbatch = slurm_cluster.run("sbatch", "--parsable", str(script), cwd=root)
@@ -130,7 +130,7 @@ def test_a_two_node_tp2_job_keeps_tp_groups_in_a_node_and_matches_a_local_run(jo
     out = tmp_path / "eval.json"
     evaluated = run_tool("vlm-eval", "zeroshot", "--checkpoint", str(jobs.train_dir), "--data",
                          str(small_corpus / "eval" / "shapes"), "--out", str(out), "--batch-size", "64", "--no-progress")
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.returncode == 0, failure_text(evaluated)
     assert "acc1" in json.loads(out.read_text())[0]["metrics"]
 
 
