@@ -34,12 +34,16 @@ def run_tool(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def failure_text(stderr: str | subprocess.CompletedProcess, tail: int = 3000) -> str:
-    """What a failed run's assertion should show: the end of its stderr and, before it, the stack every
-    crashed rank printed (faulthandler's "Fatal Python error" block), which a rank's death pushes far
-    above the launcher's summary."""
+    """What a failed run's assertion should show: the end of its stderr and, before it, what a crashed rank
+    printed, which the rank's death pushes far above the launcher's summary: the C++ stack of the thread
+    that faulted (torch's fatal-signal handler prints every thread's; the faulting one runs the handler)
+    and the Python stacks (faulthandler's "Fatal Python error" block)."""
     text = stderr if isinstance(stderr, str) else stderr.stderr
-    crashes = [block[:4000] for block in text.split("Fatal Python error")[1:]]
-    return "".join(f"Fatal Python error{block}\n[...]\n" for block in crashes) + text[-tail:]
+    faulted = [block.split("\n\n")[0] for block in text.split("SIGSEGV(11), PID")[1:]
+               if "fatalSignalHandler(int" in block.split("\n\n")[0]]
+    python = [block[:4000] for block in text.split("Fatal Python error")[1:]]
+    crashes = [f"SIGSEGV(11), PID{block}" for block in faulted] + [f"Fatal Python error{block}" for block in python]
+    return "".join(f"{crash}\n[...]\n" for crash in crashes) + text[-tail:]
 
 
 def generate_corpus(out: Path, *, seed: int, num_train: int, samples_per_shard: int, eval_per_class: int) -> Path:
