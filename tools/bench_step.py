@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VARIANTS = ("vlm-train", "dense-embedding", "5e7-bucket", "model-only")
+VARIANTS = ("vlm-train", "compiled", "dense-embedding", "5e7-bucket", "model-only")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10, help="steps between exact metric syncs, as in training")
     parser.add_argument("--variants", default="vlm-train", type=lambda text: text.split(","),
                         help="comma-separated, alternating in each round: vlm-train (the trainer's step), "
-                             "dense-embedding (the same with nn.Embedding's dense gradient, as before "
+                             "compiled (the same with the model compiled by torch.compile, as compile=true; "
+                             "one graph with a dynamic batch serves every batch size), dense-embedding (the same with nn.Embedding's dense gradient, as before "
                              "embedding_grads.py), 5e7-bucket (ZeRO buckets of 5e7 elements whatever the "
                              "model, as before deepspeed_config.bucket_elements), model-only (forward, loss "
                              "and backward alone)")
@@ -151,6 +152,9 @@ def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
                                       lr_scheduler=build_scheduler(optimizer, cfg.optim, 10**6), config=config)
     if dims.dp == 1 and cfg.zero_stage == 0:
         engine.enable_backward_allreduce = False  # as the trainer does
+    if variant == "compiled":
+        started = time.perf_counter()
+        engine.compile(compile_kwargs={"dynamic": True})
     rows = trainer_owns_gradients(cfg, dims) and variant != "dense-embedding"
     embedding_grads = EmbeddingGradients(engine.module) if rows else None  # as the trainer does
     clipper = (GradientClipper(engine.module, cfg.optim.grad_clip, embedding_grads)
@@ -159,6 +163,11 @@ def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
     bounds = trainer.ParameterBounds(engine.module, spec)
     stop = trainer.StopRequest()
     meter = trainer.ThroughputMeter(count_flops_per_sample(spec, cfg.model), None, dims.dp)
+    if variant == "compiled":  # compiles now (the first call), not in the warm-up; reported with its time
+        train_step(engine, batches(spec, cfg.model, 2), loss_fn, torch.float32, 1, clipper,
+                   embedding_grads=embedding_grads)
+        print(f"rank {torch.distributed.get_rank()}: compiled in {time.perf_counter() - started:.0f} s "
+              f"(wall, first step included)", flush=True)
 
     def timed_steps(size: int, steps: int) -> list[float]:
         source, times = batches(spec, cfg.model, size), []
