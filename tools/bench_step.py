@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VARIANTS = ("vlm-train", "compiled", "dense-embedding", "5e7-bucket", "model-only")
+VARIANTS = ("vlm-train", "compiled", "dense-embedding", "5e7-bucket", "model-only", "compiled-model-only")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "one graph with a dynamic batch serves every batch size), dense-embedding (the same with nn.Embedding's dense gradient, as before "
                              "embedding_grads.py), 5e7-bucket (ZeRO buckets of 5e7 elements whatever the "
                              "model, as before deepspeed_config.bucket_elements), model-only (forward, loss "
-                             "and backward alone)")
+                             "and backward alone), compiled-model-only (the same, the model compiled)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: step time; cpu: this process's CPU time per step, steadier on a shared "
                              "machine (one rank only: it does not count waiting for peers)")
@@ -91,8 +91,8 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
     dims = cfg.parallel_dims(args.nproc)
     groups = build_process_groups(dims, rank)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    variants = {variant: (model_loop(cfg, clock) if variant == "model-only" else
-                          trainer_loop(variant, cfg, dims, groups, clock, args.log_every))
+    variants = {variant: (model_loop(cfg, clock, compiled=variant.startswith("compiled")) if model_only(variant)
+                          else trainer_loop(variant, cfg, dims, groups, clock, args.log_every))
                 for variant in args.variants}
 
     update = optimizer_alone(cfg, clock)
@@ -123,6 +123,11 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
             "layout": dims.describe(), "zero_stage": args.zero_stage}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def model_only(variant: str) -> bool:
+    """The variants timing the model alone (no engine, no optimizer: nothing to subtract)."""
+    return variant.endswith("model-only")
 
 
 def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
@@ -190,10 +195,10 @@ def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
     return timed_steps
 
 
-def model_loop(cfg, clock):
+def model_loop(cfg, clock, compiled: bool):
     """The model's own work in a step, the floor under the trainer's: forward, loss and backward of
     the same model (its embeddings' backward returning rows, as in vlm-train at one process, ZeRO 0),
-    gradients dropped; no engine, no optimizer."""
+    gradients dropped; no engine, no optimizer. ``compiled``: the model compiled as ``compiled``'s."""
     import torch
 
     from vlmtrain.embedding_grads import EmbeddingGradients
@@ -205,6 +210,8 @@ def model_loop(cfg, clock):
     EmbeddingGradients(model)
     loss_fn = spec.build_loss(cfg.model, None)
     parameters = list(model.parameters())
+    if compiled:
+        model.compile(dynamic=True)
 
     def timed_steps(size: int, steps: int) -> list[float]:
         source, times = batches(spec, cfg.model, size), []
@@ -294,8 +301,8 @@ def fit_table(per_variant: dict, optimizer: float) -> None:
     print(f"{'':<16}  intercept  slope/sample  fixed cost (intercept − update)"
           + ("  of which beyond the model's forward+backward" if floor is not None else ""))
     for variant, (slope, intercept) in fits.items():
-        fixed = intercept if variant == "model-only" else intercept - optimizer
-        beyond = "" if floor is None or variant == "model-only" else f"  {1e3 * (fixed - floor):>10.1f} ms"
+        fixed = intercept if model_only(variant) else intercept - optimizer
+        beyond = "" if floor is None or model_only(variant) else f"  {1e3 * (fixed - floor):>10.1f} ms"
         print(f"{variant:<16}  {1e3 * intercept:>6.1f} ms  {1e3 * slope:>9.2f} ms  {1e3 * fixed:>10.1f} ms{beyond}")
 
 
