@@ -11,11 +11,14 @@ update (the trainer's fused AdamW and parameter groups on the same parameters, t
 round), which a step cannot avoid; what is left is the fixed cost. Rounds alternate over the
 variants (``--variants``) and batch sizes, and the median per batch size is used. ``model-only``
 times the model's forward, loss and backward alone: the part of the fixed cost that is the model's
-own (eager per-op cost), which no trainer change removes.
+own (eager per-op cost), which no trainer change removes. ``compiled`` and ``compiled-model-only`` are
+``vlm-train`` and ``model-only`` with the model compiled by torch.compile (inductor, in place, one
+graph with a dynamic batch for every batch size; ``compiled`` prints its compile time).
 
 Example:
   python tools/bench_step.py                      # 2 gloo ranks, ZeRO 2 (the demo's layout)
   python tools/bench_step.py --nproc 1 --zero-stage 0 --clock cpu --variants vlm-train,dense-embedding,model-only
+  python tools/bench_step.py --nproc 1 --zero-stage 0 --clock cpu --variants vlm-train,compiled,model-only,compiled-model-only
 """
 from __future__ import annotations
 

@@ -111,10 +111,6 @@ class TrainConfig:
     zero_stage: int = field(default=2, metadata=choices(0, 1, 2, 3))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: str = field(default="fp32", metadata=choices("fp32", "bf16"))
-    # Compile the model with torch.compile (inductor) before the first step: a few fused kernels
-    # instead of thousands of eager operators a step. Off by default: compiling takes a minute of
-    # CPU on first use (then inductor's cache in /tmp serves later runs of the same model).
-    compile: bool = False
     seed: int = 0
     log_every: int = field(default=10, metadata=at_least(1))
     output_dir: str = field(default="runs/demo", metadata={"required": True})
@@ -139,7 +135,6 @@ class TrainConfig:
                               "(data parallelism composes with either)")
         spec = spec_of(self.model)
         check_experts(self, spec)
-        check_compile(self, spec)
         for key, heads in spec.tp_divisible(self.model).items():
             if heads % self.parallel.tp:
                 raise ConfigError(f"parallel.tp={self.parallel.tp} does not divide {key}={heads}: each "
@@ -155,25 +150,6 @@ class TrainConfig:
     def parallel_dims(self, world_size: int) -> ParallelDims:
         """The validated layout of this run on ``world_size`` ranks."""
         return ParallelDims(world_size, tp=self.parallel.tp, pp=self.parallel.pp, ep=self.parallel.ep)
-
-
-def check_compile(cfg: TrainConfig, spec) -> None:
-    """``compile=true`` where it is verified to train as the eager model does (tests/distributed/
-    test_compile.py): one stage, no tensor parallelism, ZeRO 0-2, no experts. Elsewhere DeepSpeed
-    puts its own work inside the model's graph (ZeRO 3's parameter gathers, AutoTP's all-reduces, MoE's
-    all-to-alls, the pipeline's stages), which inductor has not been shown to keep: refused."""
-    if not cfg.compile:
-        return
-    for key, value, allowed in (("parallel.pp", cfg.parallel.pp, 1), ("parallel.tp", cfg.parallel.tp, 1)):
-        if value > allowed:
-            raise ConfigError(f"compile=true needs {key}=1 (a compiled model is verified with data parallelism "
-                              f"only): set compile=false or {key}=1")
-    if cfg.zero_stage == 3:
-        raise ConfigError("compile=true needs zero_stage <= 2 (ZeRO 3 gathers parameters inside the model's "
-                          "forward): set compile=false or zero_stage=2")
-    if spec.experts and spec.experts.num_experts(cfg.model):
-        raise ConfigError("compile=true cannot compile DeepSpeed's mixture-of-experts layers (their all-to-all "
-                          "runs inside the forward): set compile=false")
 
 
 def check_experts(cfg: TrainConfig, spec) -> None:

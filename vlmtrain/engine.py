@@ -100,10 +100,6 @@ def train(cfg: TrainConfig) -> dict:
         # One replica without ZeRO: DeepSpeed would still flatten, "all-reduce" and copy back every
         # gradient. (ZeRO 1/2 reduce their gradient partitions on this path: it stays on for them.)
         engine.enable_backward_allreduce = False
-    if cfg.compile:  # in place (module.compile): state-dict keys, checkpoints and exports stay the same
-        if env.is_main:
-            print("vlm-train: compiling the model (torch.compile): the first step takes longer", flush=True)
-        engine.compile()
     # One process at ZeRO 0: the token embedding's gradient costs the rows a batch touches (see
     # embedding_grads.py); the clip and the update see the same dense gradient.
     embedding_grads = EmbeddingGradients(engine.module) if trainer_owns_gradients(cfg, dims) else None
