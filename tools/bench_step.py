@@ -11,11 +11,14 @@ update (the trainer's fused AdamW and parameter groups on the same parameters, t
 round), which a step cannot avoid; what is left is the fixed cost. Rounds alternate over the
 variants (``--variants``) and batch sizes, and the median per batch size is used. ``model-only``
 times the model's forward, loss and backward alone: the part of the fixed cost that is the model's
-own (eager per-op cost), which no trainer change removes.
+own (eager per-op cost), which no trainer change removes. ``compiled`` and ``compiled-model-only`` are
+``vlm-train`` and ``model-only`` with the model compiled by torch.compile (inductor, in place, one
+graph with a dynamic batch for every batch size; ``compiled`` prints its compile time).
 
 Example:
   python tools/bench_step.py                      # 2 gloo ranks, ZeRO 2 (the demo's layout)
   python tools/bench_step.py --nproc 1 --zero-stage 0 --clock cpu --variants vlm-train,dense-embedding,model-only
+  python tools/bench_step.py --nproc 1 --zero-stage 0 --clock cpu --variants vlm-train,compiled,model-only,compiled-model-only
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-VARIANTS = ("vlm-train", "dense-embedding", "5e7-bucket", "model-only")
+VARIANTS = ("vlm-train", "compiled", "dense-embedding", "5e7-bucket", "model-only", "compiled-model-only")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,10 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10, help="steps between exact metric syncs, as in training")
     parser.add_argument("--variants", default="vlm-train", type=lambda text: text.split(","),
                         help="comma-separated, alternating in each round: vlm-train (the trainer's step), "
-                             "dense-embedding (the same with nn.Embedding's dense gradient, as before "
+                             "compiled (the same with the model compiled by torch.compile, as compile=true; "
+                             "one graph with a dynamic batch serves every batch size), dense-embedding (the same with nn.Embedding's dense gradient, as before "
                              "embedding_grads.py), 5e7-bucket (ZeRO buckets of 5e7 elements whatever the "
                              "model, as before deepspeed_config.bucket_elements), model-only (forward, loss "
-                             "and backward alone)")
+                             "and backward alone), compiled-model-only (the same, the model compiled)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: step time; cpu: this process's CPU time per step, steadier on a shared "
                              "machine (one rank only: it does not count waiting for peers)")
@@ -90,8 +94,8 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
     dims = cfg.parallel_dims(args.nproc)
     groups = build_process_groups(dims, rank)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    variants = {variant: (model_loop(cfg, clock) if variant == "model-only" else
-                          trainer_loop(variant, cfg, dims, groups, clock, args.log_every))
+    variants = {variant: (model_loop(cfg, clock, compiled=variant.startswith("compiled")) if model_only(variant)
+                          else trainer_loop(variant, cfg, dims, groups, clock, args.log_every))
                 for variant in args.variants}
 
     update = optimizer_alone(cfg, clock)
@@ -124,6 +128,11 @@ def rank_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> Non
     torch.distributed.destroy_process_group()
 
 
+def model_only(variant: str) -> bool:
+    """The variants timing the model alone (no engine, no optimizer: nothing to subtract)."""
+    return variant.endswith("model-only")
+
+
 def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
     """A model, optimizer and engine built as vlm-train builds them (``dense-embedding``: with
     nn.Embedding's own dense gradient; ``5e7-bucket``: with ZeRO buckets not sized to the model),
@@ -151,6 +160,9 @@ def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
                                       lr_scheduler=build_scheduler(optimizer, cfg.optim, 10**6), config=config)
     if dims.dp == 1 and cfg.zero_stage == 0:
         engine.enable_backward_allreduce = False  # as the trainer does
+    if variant == "compiled":
+        started = time.perf_counter()
+        engine.compile(compile_kwargs={"dynamic": True})
     rows = trainer_owns_gradients(cfg, dims) and variant != "dense-embedding"
     embedding_grads = EmbeddingGradients(engine.module) if rows else None  # as the trainer does
     clipper = (GradientClipper(engine.module, cfg.optim.grad_clip, embedding_grads)
@@ -159,6 +171,11 @@ def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
     bounds = trainer.ParameterBounds(engine.module, spec)
     stop = trainer.StopRequest()
     meter = trainer.ThroughputMeter(count_flops_per_sample(spec, cfg.model), None, dims.dp)
+    if variant == "compiled":  # compiles now (the first call), not in the warm-up; reported with its time
+        train_step(engine, batches(spec, cfg.model, 2), loss_fn, torch.float32, 1, clipper,
+                   embedding_grads=embedding_grads)
+        print(f"rank {torch.distributed.get_rank()}: compiled in {time.perf_counter() - started:.0f} s "
+              f"(wall, first step included)", flush=True)
 
     def timed_steps(size: int, steps: int) -> list[float]:
         source, times = batches(spec, cfg.model, size), []
@@ -181,10 +198,10 @@ def trainer_loop(variant: str, cfg, dims, groups, clock, log_every: int):
     return timed_steps
 
 
-def model_loop(cfg, clock):
+def model_loop(cfg, clock, compiled: bool):
     """The model's own work in a step, the floor under the trainer's: forward, loss and backward of
     the same model (its embeddings' backward returning rows, as in vlm-train at one process, ZeRO 0),
-    gradients dropped; no engine, no optimizer."""
+    gradients dropped; no engine, no optimizer. ``compiled``: the model compiled as ``compiled``'s."""
     import torch
 
     from vlmtrain.embedding_grads import EmbeddingGradients
@@ -196,6 +213,8 @@ def model_loop(cfg, clock):
     EmbeddingGradients(model)
     loss_fn = spec.build_loss(cfg.model, None)
     parameters = list(model.parameters())
+    if compiled:
+        model.compile(dynamic=True)
 
     def timed_steps(size: int, steps: int) -> list[float]:
         source, times = batches(spec, cfg.model, size), []
@@ -285,8 +304,8 @@ def fit_table(per_variant: dict, optimizer: float) -> None:
     print(f"{'':<16}  intercept  slope/sample  fixed cost (intercept − update)"
           + ("  of which beyond the model's forward+backward" if floor is not None else ""))
     for variant, (slope, intercept) in fits.items():
-        fixed = intercept if variant == "model-only" else intercept - optimizer
-        beyond = "" if floor is None or variant == "model-only" else f"  {1e3 * (fixed - floor):>10.1f} ms"
+        fixed = intercept if model_only(variant) else intercept - optimizer
+        beyond = "" if floor is None or model_only(variant) else f"  {1e3 * (fixed - floor):>10.1f} ms"
         print(f"{variant:<16}  {1e3 * intercept:>6.1f} ms  {1e3 * slope:>9.2f} ms  {1e3 * fixed:>10.1f} ms{beyond}")
 
 
