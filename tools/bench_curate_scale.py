@@ -51,9 +51,12 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--keep", action="store_true", help="keep the output directory afterwards")
     parser.add_argument("--no-ray", action="store_true", help="the plain executor: everything in the driver process")
+    parser.add_argument("--reuse-scored", action="store_true",
+                        help="keep the scored parts of an earlier run in --out (only dedup and write run again: "
+                             "the steps whose driver memory is measured; wall time then excludes scoring)")
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for the curate config")
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
+    clear_outputs(args.out, args.reuse_scored)
     command = [sys.executable, "-m", "data_pipeline.cli", "run", str(REPO / "configs" / "curate" / "demo.yaml"),
                f"output_dir={args.out}", f"sources=[{{format: webdataset, path: '{args.pool}'}}]", "progress=false",
                *args.overrides, *(["--no-ray"] if args.no_ray else [])]
@@ -88,6 +91,21 @@ def main() -> None:
     print(json.dumps(result))
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
+
+
+def clear_outputs(out: Path, keep_scored: bool) -> None:
+    """Remove ``out``; with ``keep_scored``, all of it but the scored parts and the run's stamp."""
+    if not keep_scored or not (out / ".work" / "parts").is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    kept = {out / ".work", out / ".work" / "parts", out / ".work" / "fingerprint.json"}
+    for path in sorted(out.rglob("*"), reverse=True):
+        if path in kept or (out / ".work" / "parts") in path.parents:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 if __name__ == "__main__":

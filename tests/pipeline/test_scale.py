@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 
 from data_pipeline.config import load_curate_config
 from data_pipeline.pipeline import run
-from data_pipeline.stages.near_candidates import CellSearch, brute_force_neighbours, candidate_pairs, plan_cells
+from data_pipeline.stages.near_candidates import (CellSearch, CodeArray, brute_force_neighbours, candidate_pairs,
+                                                  plan_cells)
 from data_pipeline.stages.near_duplicates import serial_map
 from tests.conftest import REPO
 
@@ -28,12 +29,12 @@ def clustered_codes(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_cell_search_is_the_brute_force_reference_when_every_cell_is_probed_and_finds_every_near_copy():
     codes, planted = clustered_codes()
     reference = brute_force_neighbours(codes, 10)
-    cells = plan_cells(codes, CellSearch(cell_rows=64))
+    cells = plan_cells(CodeArray(codes), CellSearch(cell_rows=64))
     assert len(cells.starts) - 1 == len(codes) // 64 and sorted(cells.members) == list(range(len(codes)))
     everything = CellSearch(cell_rows=64, probes=len(codes) // 64)
-    np.testing.assert_array_equal(candidate_pairs(codes, 10, everything, serial_map, 3), reference)
+    np.testing.assert_array_equal(candidate_pairs(CodeArray(codes), 10, everything, serial_map, 3), reference)
 
-    found = candidate_pairs(codes, 10, CellSearch(cell_rows=64, probes=4), serial_map, 3)
+    found = candidate_pairs(CodeArray(codes), 10, CellSearch(cell_rows=64, probes=4), serial_map, 3)
     found_set, reference_set = set(map(tuple, found)), set(map(tuple, reference))
     assert set(map(tuple, planted)) <= found_set  # every near copy is a candidate
     assert len(found_set & reference_set) / len(reference_set) >= 0.9  # most look-alike neighbours too
