@@ -49,7 +49,7 @@ class GlobalVerdicts:
     def record(self, name: str, at: np.ndarray, values: Any) -> None:
         """Column ``name`` of a stage that saw the candidates at ``at``."""
         if isinstance(values, References):
-            column = self.columns.setdefault(name, References(np.full(len(self.code), -1, np.int64))).position
+            column = self.columns.setdefault(name, References(np.full(len(self.code), -1, np.int32))).position
             column[at] = np.where(values.position >= 0, at[np.maximum(values.position, 0)], -1)
             return
         values = np.asarray(values)
@@ -67,7 +67,9 @@ def apply_global(stages: Sequence[Stage], candidates: Candidates, cfg: Any,
         if not len(at):
             log(f"{stage.name}: no rows left to select from; skipped")
             continue
-        verdict = run_stage(stage, candidates.subset(at), section_of(cfg, stage), log)
+        seen = candidates if len(at) == len(candidates) else candidates.subset(at)
+        verdict = run_stage(stage, seen, section_of(cfg, stage), log)
+        del seen
         dropped = pd.notna(verdict.reason)
         for reason in pd.unique(verdict.reason[dropped]):
             if reason not in verdicts.reasons:
@@ -77,6 +79,7 @@ def apply_global(stages: Sequence[Stage], candidates: Candidates, cfg: Any,
             verdicts.record(name, at, values)
         log(f"{stage.name}: {int(dropped.sum())} of {len(at)} rows dropped"
             + (f" ({verdict.note})" if verdict.note else ""))
+        del verdict, dropped  # not held while the next stage runs
     return verdicts
 
 

@@ -145,14 +145,15 @@ def exact_dedup(candidates: Candidates, cfg: DedupConfig) -> Verdict:
     """The exact_dedup stage: the same image bytes (sha256) as a row kept before it."""
     if not cfg.exact:
         return Verdict.keep_all(len(candidates))
-    reason = np.full(len(candidates), None, object)
-    duplicate_of = np.full(len(candidates), -1, np.int64)
-    prefix = np.concatenate([np.zeros(0, np.uint64),
-                             *(sha256_prefix(rows["sha256"]) for rows in candidates.columns(["sha256"]))])
+    prefix = np.empty(len(candidates), np.uint64)
+    for at, rows in _pieces(candidates, ["sha256"]):
+        prefix[at] = sha256_prefix(rows["sha256"])
     by_prefix = np.argsort(prefix, kind="stable")
     shared = _in_runs(prefix[by_prefix])  # rows whose prefix another row shares: the only possible copies
     members, keys = by_prefix[shared], prefix[by_prefix][shared]
-    del prefix, by_prefix
+    del prefix, by_prefix, shared
+    reason = np.full(len(candidates), None, object)
+    duplicate_of = np.full(len(candidates), -1, np.int64)
     for group in group_slices(keys, GROUP_ROWS):
         at = members[group]
         reason[at], head = exact_duplicates(compact(candidates.column_at(["uid", *DEDUP_COLUMNS], at)))
@@ -165,8 +166,9 @@ def near_dedup(candidates: Candidates, cfg: DedupConfig) -> Verdict:
     if not cfg.near:
         return Verdict.keep_all(len(candidates))
     order, pixels = keep_order_of(candidates)
-    source = OnDisk(candidates.parts.dir, candidates.parts.ids, candidates.part[order], candidates.row[order])
-    match = near_duplicate_match(source, pixels[order], cfg, candidates.map_shared, candidates.chunks)
+    match = near_duplicate_match(OnDisk(candidates.parts.dir, candidates.parts.ids, candidates.part[order],
+                                        candidates.row[order]), pixels, cfg, candidates.map_shared, candidates.chunks)
+    del pixels
     hit = match >= 0
     reason = np.full(len(candidates), None, object)
     reason[order[hit]] = NEAR_DUPLICATE
@@ -207,24 +209,32 @@ def keep_order(table: Compact) -> np.ndarray:
 
 
 def keep_order_of(candidates: Candidates) -> tuple[np.ndarray, np.ndarray]:
-    """``keep_order`` of the candidates, and their pixel counts: the uids are read only of rows that tie on
-    pixels and bytes, ``GROUP_ROWS`` at a time."""
-    pixels, file_bytes = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for rows in candidates.columns(_SIZE_COLUMNS):
-        pixels.append(pixels_of(rows))
-        file_bytes.append(rows["file_bytes"].to_numpy(np.int64))
-    pixels, file_bytes = np.concatenate(pixels), np.concatenate(file_bytes)
-    order = np.lexsort((-file_bytes, -pixels))
-    size_rank = np.zeros(len(order), np.int64)  # equal for rows that tie on both counts, in ranking order
-    size_rank[1:] = np.cumsum((pixels[order][1:] != pixels[order][:-1])
-                              | (file_bytes[order][1:] != file_bytes[order][:-1]))
+    """``keep_order`` of the candidates, and their pixel counts in that order: the uids are read only of rows
+    that tie on pixels and bytes, ``GROUP_ROWS`` at a time."""
+    pixels, file_bytes = np.empty(len(candidates), np.int64), np.empty(len(candidates), np.int64)
+    for at, rows in _pieces(candidates, _SIZE_COLUMNS):
+        pixels[at], file_bytes[at] = pixels_of(rows), rows["file_bytes"].to_numpy(np.int64)
+    # Descending by both counts; the order within a tie is settled by uid below, so reversing an ascending
+    # sort serves (and needs no negated copies).
+    order = np.lexsort((file_bytes, pixels))[::-1]
+    pixels, file_bytes = pixels[order], file_bytes[order]
+    size_rank = np.zeros(len(order), np.int32)  # equal for rows that tie on both counts, in ranking order
+    np.cumsum((pixels[1:] != pixels[:-1]) | (file_bytes[1:] != file_bytes[:-1]), out=size_rank[1:])
     del file_bytes
     tied = np.flatnonzero(_in_runs(size_rank))
     for group in group_slices(size_rank[tied], GROUP_ROWS):
         at = tied[group]
         uids = candidates.column_at(["uid"], order[at])["uid"].to_numpy(object)
-        order[at] = order[at][np.lexsort((uids, size_rank[at]))]
+        order[at] = order[at][np.lexsort((uids, size_rank[at]))]  # a tie's rows have equal pixel counts
     return order, pixels
+
+
+def _pieces(candidates: Candidates, names: list[str]) -> Iterator[tuple[slice, pd.DataFrame]]:
+    """``candidates.columns(names)`` with each piece's place among the candidates."""
+    start = 0
+    for rows in candidates.columns(names):
+        yield slice(start, start + len(rows)), rows
+        start += len(rows)
 
 
 def sha256_prefix(hexes: pd.Series) -> np.ndarray:
