@@ -48,9 +48,9 @@ from data_pipeline.embed.store import EmbeddingsMissing, load
 from data_pipeline.executor import Executor, make_executor
 from data_pipeline.registry import row_reason, row_stages, run_stages, section_of
 from data_pipeline.select import apply_stages, decide, funnel_of, passed_row_stages
-from data_pipeline.shards import ShardPlan, file_sha256, write_shard
+from data_pipeline.shards import file_sha256, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
-from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plans
+from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plan
 from vlmtrain import atomic
 from vlmtrain.errors import UserError
 from vlmtrain.runlock import RunLock
@@ -61,7 +61,6 @@ _DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
 _METADATA_EXCLUDED = {"image", "image_out", "thumbnail", "signature"}
 # .work/fingerprint.json: version 1 compared names and sizes only; version 2 parts have no fingerprint files
 STAMP_VERSION = 3
-_SHARD_PLANS_PER_TASK_BATCH = 256
 
 
 class PipelineError(UserError):
@@ -105,11 +104,10 @@ class PartScorer:
         return {"summary": [json.dumps(s) for s in summaries]}
 
 
-def _write_shard_batch(batch: dict, parts_dir: str, out_dir: str) -> dict:
-    infos = []
-    for plan in batch["plan"]:
-        raw = json.loads(plan)
-        infos.append(write_shard(ShardPlan(raw["name"], raw["members"]), Path(parts_dir), Path(out_dir)))
+def _write_shard_batch(batch: dict, plans_file: str, parts_dir: str, out_dir: str) -> dict:
+    """Write the shards whose plans start at ``batch["offset"]`` in the plans file."""
+    infos = [write_shard(read_plan(Path(plans_file), int(offset)), Path(parts_dir), Path(out_dir))
+             for offset in batch["offset"]]
     return {"info": [json.dumps(i) for i in infos]}
 
 
@@ -231,8 +229,9 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
             del candidates, verdicts
         if "embed" not in steps and "write" not in steps:
             return None
-        if not state.verdicts.is_file():
-            raise PipelineError("the dedup step has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
+        if not global_verdicts.readable(state.verdicts):
+            raise PipelineError("the dedup step has not run yet (or ran before verdicts were stored by position): "
+                                "run `vlm-curate dedup` or `vlm-curate run`")
         plan = None
         if cfg.embedding.model.is_set():
             kept = pd.DataFrame([(state.parts[index].part_id, uid) for index, _, frame in _decided(state)
@@ -256,8 +255,7 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
                 decisions.write(frame)
                 planner.add(state.parts[index].part_id, list(frame["uid"][frame["kept"].to_numpy()]))
         _reset_shards_if_replanned(state, planner.digest)
-        infos = [info for batch in read_plans(plans_file, _SHARD_PLANS_PER_TASK_BATCH)
-                 for info in _write_shards(executor_started(), batch, state)]
+        infos = _write_shards(executor_started(), plans_file, planner.offsets, state)
         manifest = {
             "funnel": funnel_of(decisions.counts, run_stages(cfg, embedded)),
             "shards": infos,
@@ -322,10 +320,11 @@ def _score(executor: Executor, pending: list[Part], state: Run, cfg: CurateConfi
             bar.set_postfix_str(f"parts {done}/{len(pending)}, rejected {sum(rejected.values())} ({top})")
 
 
-def _write_shards(executor: Executor, plans: list[ShardPlan], state: Run) -> list[dict]:
-    items = [{"plan": json.dumps(asdict(p))} for p in plans]
-    rows = executor.map_tasks(_write_shard_batch, {"parts_dir": str(state.parts_dir), "out_dir": str(state.shards_dir)},
-                              items)
+def _write_shards(executor: Executor, plans_file: Path, offsets: list[int], state: Run) -> list[dict]:
+    """Each shard written by a task that reads its own plan (the driver sends offsets, not uids)."""
+    rows = executor.map_tasks(_write_shard_batch, {"plans_file": str(plans_file), "parts_dir": str(state.parts_dir),
+                                                   "out_dir": str(state.shards_dir)},
+                              [{"offset": offset} for offset in offsets])
     return sorted((json.loads(row["info"]) for row in rows), key=lambda info: info["name"])
 
 

@@ -26,7 +26,7 @@ from data_pipeline.write_stream import decisions_schema
 from vlmtrain import atomic
 
 _POSITION = ["part", "row"]
-GROUP_ROWS = 1 << 18  # decided rows whose uids are read, and written as one row group, at a time
+GROUP_ROWS = 1 << 16  # decided rows whose uids are read, and written as one row group, at a time
 
 
 @dataclass
@@ -112,6 +112,11 @@ def _frame(verdicts: GlobalVerdicts, candidates: Candidates, at: np.ndarray) -> 
         else:
             frame[name] = values[at]
     return frame
+
+
+def readable(path: Path) -> bool:
+    """Whether ``path`` holds verdicts in this layout (earlier versions keyed them by uid alone)."""
+    return path.is_file() and set(_POSITION) <= set(pq.read_schema(path).names)
 
 
 class VerdictReader:

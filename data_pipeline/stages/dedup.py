@@ -37,7 +37,7 @@ from data_pipeline.stages.near_candidates import CellSearch, candidate_pairs, gr
 from data_pipeline.stages.near_duplicates import Fingerprints, NearDuplicateSearch, grid, serial_map, verify
 
 VERIFY_PAIRS = 4096  # candidate pairs verified at a time in a search task (≈ 2 × 17 kB a pair)
-GROUP_ROWS = 1 << 18  # rows whose strings (uid, sha256) the driver reads at a time
+GROUP_ROWS = 1 << 16  # rows whose strings (uid, sha256) the driver reads at a time (≈ 10 MB of them)
 EXACT_REASONS = ("exact_duplicate_image", "exact_duplicate_pair")
 NEAR_DUPLICATE = "near_duplicate"
 DEDUP_COLUMNS = ["sha256", "caption", "width", "height", "file_bytes"]  # with the uid
