@@ -6,6 +6,11 @@ what it needs of them itself, the scored columns part by part (``columns``), so 
 little holds little; an embedding stage also gets their CLIP embeddings and scores, and the
 embeddings of its own reference folders. It returns a reason per candidate (None: kept) and the
 columns it records in decisions.parquet; the pipeline applies the verdict, so no stage drops a row.
+
+A candidate is its (part, row) position, two int32s: the driver holds no string per row (a pool of
+1M rows must not cost it a gigabyte). A stage reads uids only where it needs them (``column``,
+``column_at``), and a column naming other candidates (whom a duplicate copies) is a ``References``:
+their positions, written as their uids by the pipeline.
 """
 from __future__ import annotations
 
@@ -31,10 +36,26 @@ class ScoredParts:
         return Path(self.dir) / f"{self.ids[index]}.parquet"
 
 
+@dataclass(frozen=True)
+class References:
+    """A verdict column naming, per candidate, another candidate by its position (-1: none); the pipeline
+    records that candidate's uid (None for -1)."""
+    position: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def resolve(self, uids: np.ndarray) -> np.ndarray:
+        """The named candidates' ``uids`` (those of every candidate, in order); None where none is named."""
+        out = np.full(len(self.position), None, object)
+        named = self.position >= 0
+        out[named] = uids[self.position[named]]
+        return out
+
+
 @dataclass
 class Candidates:
-    """The rows a global stage decides on, in input order."""
-    uid: np.ndarray  # (n,) object
+    """The rows a global stage decides on, in input order: (part, row) positions, no uids."""
     part: np.ndarray  # (n,) int32: index into ``parts.ids``
     row: np.ndarray  # (n,) int32: row within that part
     parts: ScoredParts
@@ -45,11 +66,11 @@ class Candidates:
     references: list[Embedded] = field(default_factory=list)  # the embeddings of the stage's reference folders
 
     def __len__(self) -> int:
-        return len(self.uid)
+        return len(self.part)
 
     def subset(self, rows: np.ndarray) -> Candidates:
         """The candidates at ``rows`` (positions or a mask), in order."""
-        taken = {name: getattr(self, name)[rows] for name in ("uid", "part", "row")}
+        taken = {name: getattr(self, name)[rows] for name in ("part", "row")}
         taken.update({name: getattr(self, name)[rows] for name in ("vectors", "clip_score")
                       if getattr(self, name) is not None})
         return replace(self, **taken)
@@ -67,11 +88,25 @@ class Candidates:
                     yield batch.take(wanted).to_pandas()
                 start += batch.num_rows
 
-    def uid_of(self, members: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """The uid of candidate ``members[i]`` where ``valid[i]``, else None (e.g. whom a duplicate copies)."""
-        uids = self.uid[np.where(valid, members, 0)].astype(object)
-        uids[~valid] = None
-        return uids
+    def column(self, name: str) -> np.ndarray:
+        """One scored column of every candidate, in order (e.g. the uids, where a stage ranks by them)."""
+        return np.concatenate([np.empty(0, object), *(rows[name].to_numpy() for rows in self.columns([name]))])
+
+    def column_at(self, names: list[str], positions: np.ndarray) -> pd.DataFrame:
+        """The scored columns ``names`` of the candidates at ``positions`` (any order, repeats allowed), in
+        that order: what a stage reads of a few rows (its duplicates) without holding the pool's."""
+        if len(positions) == 0:
+            return pd.DataFrame({name: np.empty(0, object) for name in names})
+        order = np.argsort(positions, kind="stable")
+        taken = replace(self, part=self.part[positions[order]], row=self.row[positions[order]], vectors=None,
+                        clip_score=None)
+        pieces = list(taken.columns(names))
+        found = pd.concat(pieces, ignore_index=True)
+        return found.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)
+
+    def uid_of(self, members: np.ndarray, valid: np.ndarray) -> References:
+        """Candidate ``members[i]`` where ``valid[i]``, else none (e.g. whom a duplicate copies)."""
+        return References(np.where(valid, members, -1).astype(np.int64))
 
 
 @dataclass

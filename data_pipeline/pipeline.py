@@ -7,7 +7,8 @@ Four steps, each resumable, all under ``output_dir``:
   dedup   the global stages (exact and near dedup, ...) over the rows the row stages kept, each over
           the rows still kept when its turn comes (every row must meet every other): they read the
           parts' columns and fingerprint files themselves and spread their searches over the
-          executor's tasks → their verdicts in ``.work/verdicts.parquet``.
+          executor's tasks → their verdicts in ``.work/verdicts.parquet`` (``verdicts``: the driver
+          holds a few integers per candidate, no string: candidates are (part, row) positions).
   embed   only with an ``embedding`` section naming a model: CLIP embeddings of the rows still kept
           (and of the reference folders the enabled embedding stages name) on the executor's model
           workers → ``.work/embeddings/`` (``data_pipeline.embed``; finished jobs are reused).
@@ -39,6 +40,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_pipeline import fingerprints, inputs, registry
+from data_pipeline import verdicts as global_verdicts
 from data_pipeline.candidates import Candidates, ScoredParts
 from data_pipeline.config import CurateConfig, to_dict
 from data_pipeline.embed import plan as embed_plan
@@ -46,9 +48,9 @@ from data_pipeline.embed.store import EmbeddingsMissing, load
 from data_pipeline.executor import Executor, make_executor
 from data_pipeline.registry import row_reason, row_stages, run_stages, section_of
 from data_pipeline.select import apply_stages, decide, funnel_of, passed_row_stages
-from data_pipeline.shards import ShardPlan, file_sha256, write_shard
+from data_pipeline.shards import file_sha256, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
-from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plans
+from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plan
 from vlmtrain import atomic
 from vlmtrain.errors import UserError
 from vlmtrain.runlock import RunLock
@@ -59,7 +61,6 @@ _DROPPED_AFTER_SCORING = ["caption_raw", "json_raw"]
 _METADATA_EXCLUDED = {"image", "image_out", "thumbnail", "signature"}
 # .work/fingerprint.json: version 1 compared names and sizes only; version 2 parts have no fingerprint files
 STAMP_VERSION = 3
-_SHARD_PLANS_PER_TASK_BATCH = 256
 
 
 class PipelineError(UserError):
@@ -103,11 +104,10 @@ class PartScorer:
         return {"summary": [json.dumps(s) for s in summaries]}
 
 
-def _write_shard_batch(batch: dict, parts_dir: str, out_dir: str) -> dict:
-    infos = []
-    for plan in batch["plan"]:
-        raw = json.loads(plan)
-        infos.append(write_shard(ShardPlan(raw["name"], raw["members"]), Path(parts_dir), Path(out_dir)))
+def _write_shard_batch(batch: dict, plans_file: str, parts_dir: str, out_dir: str) -> dict:
+    """Write the shards whose plans start at ``batch["offset"]`` in the plans file."""
+    infos = [write_shard(read_plan(Path(plans_file), int(offset)), Path(parts_dir), Path(out_dir))
+             for offset in batch["offset"]]
     return {"info": [json.dumps(i) for i in infos]}
 
 
@@ -177,15 +177,12 @@ class Run:
 
     def candidates(self, executor: Executor, chunks: int) -> Candidates:
         """The rows every row stage kept: the global stages' candidates (their searches on ``executor``)."""
-        columns = ["uid"] + [stage.reason_column for stage in row_stages()]
-        uid, part, row = [], [], []
-        for index, start, rows in self.scored_batches(columns):
+        part, row = [np.zeros(0, np.int32)], [np.zeros(0, np.int32)]
+        for index, start, rows in self.scored_batches([stage.reason_column for stage in row_stages()]):
             eligible = np.flatnonzero(passed_row_stages(rows).to_numpy())
-            uid.append(rows["uid"].to_numpy(object)[eligible])
             part.append(np.full(len(eligible), index, np.int32))
             row.append((start + eligible).astype(np.int32))
-        return Candidates(np.concatenate(uid), np.concatenate(part), np.concatenate(row), self.scored_parts(),
-                          executor.map_shared, chunks)
+        return Candidates(np.concatenate(part), np.concatenate(row), self.scored_parts(), executor.map_shared, chunks)
 
     def scored_parts(self) -> ScoredParts:
         return ScoredParts(str(self.parts_dir), [p.part_id for p in self.parts], self.cfg.output.stream_rows)
@@ -226,19 +223,18 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
         if "dedup" in steps:
             # Tasks for every worker to search and verify in parallel (one in a plain run).
             candidates = state.candidates(executor_started(), 2 * cfg.ray.workers if use_ray else 1)
-            verdicts = _global_verdicts(candidates, cfg, log)
-            _write_parquet(verdicts, state.verdicts)
-            log(f"dedup: {int(verdicts['reason_global'].notna().sum())} of {len(candidates)} candidate rows dropped "
-                f"by the global stages")
+            verdicts = global_verdicts.apply_global(registry.of_kind(registry.GLOBAL), candidates, cfg, log)
+            global_verdicts.write(verdicts, candidates, state.verdicts)
+            log(f"dedup: {verdicts.dropped} of {len(candidates)} candidate rows dropped by the global stages")
             del candidates, verdicts
         if "embed" not in steps and "write" not in steps:
             return None
-        if not state.verdicts.is_file():
-            raise PipelineError("the dedup step has not run yet: run `vlm-curate dedup` or `vlm-curate run`")
-        verdicts = pd.read_parquet(state.verdicts).set_index("uid")
+        if not global_verdicts.readable(state.verdicts):
+            raise PipelineError("the dedup step has not run yet (or ran before verdicts were stored by position): "
+                                "run `vlm-curate dedup` or `vlm-curate run`")
         plan = None
         if cfg.embedding.model.is_set():
-            kept = pd.DataFrame([(state.parts[index].part_id, uid) for index, _, frame in _decided(state, verdicts)
+            kept = pd.DataFrame([(state.parts[index].part_id, uid) for index, _, frame in _decided(state)
                                  for uid in frame["uid"][frame["kept"]]], columns=["part_id", "uid"])
             plan = embed_plan.plan(cfg, kept, state.parts_dir, state.work)
             if plan.pool is None:
@@ -249,7 +245,7 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
         if "write" not in steps:
             return None
         embedded = plan is not None and plan.pool is not None  # the embedding stages count only when they ran
-        pieces = _decided(state, verdicts)
+        pieces = _decided(state)
         if embedded:
             pieces = _selected_by_embeddings(list(pieces), plan, state, executor_started(), cfg, log)
         plans_file = state.work / "shard_plans.jsonl"
@@ -259,8 +255,7 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
                 decisions.write(frame)
                 planner.add(state.parts[index].part_id, list(frame["uid"][frame["kept"].to_numpy()]))
         _reset_shards_if_replanned(state, planner.digest)
-        infos = [info for batch in read_plans(plans_file, _SHARD_PLANS_PER_TASK_BATCH)
-                 for info in _write_shards(executor_started(), batch, state)]
+        infos = _write_shards(executor_started(), plans_file, planner.offsets, state)
         manifest = {
             "funnel": funnel_of(decisions.counts, run_stages(cfg, embedded)),
             "shards": infos,
@@ -277,22 +272,12 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
             executor.close()
 
 
-def _global_verdicts(candidates: Candidates, cfg: CurateConfig, log: Callable[[str], None]) -> pd.DataFrame:
-    """The global stages over the candidates: uid, reason_global and their columns, for the rows they decided
-    (dropped, or given a value)."""
-    table = pd.DataFrame({"uid": candidates.uid, "reason": None, "kept": True})
-    table = apply_stages(registry.of_kind(registry.GLOBAL), table, np.arange(len(candidates)), candidates, cfg, log)
-    table = table.drop(columns="kept").rename(columns={"reason": "reason_global"})
-    decided = table.drop(columns="uid").notna().any(axis=1)
-    return table[decided].astype({"uid": object, "reason_global": object})
-
-
-def _decided(state: Run, verdicts: pd.DataFrame) -> Iterator[tuple[int, int, pd.DataFrame]]:
-    """(part index, first row in the part, decisions) of every scored batch, in input order; ``verdicts``: the
-    global stages', indexed by uid."""
+def _decided(state: Run) -> Iterator[tuple[int, int, pd.DataFrame]]:
+    """(part index, first row in the part, decisions) of every scored batch, in input order, with the global
+    stages' verdicts of its rows."""
+    verdicts = global_verdicts.VerdictReader(state.verdicts)
     for index, start, rows in state.scored_batches():
-        found = verdicts.reindex(rows["uid"]).dropna(how="all").reset_index()
-        yield index, start, decide(rows, found)
+        yield index, start, decide(rows, verdicts.of(index, start, len(rows)))
 
 
 def _selected_by_embeddings(pieces: list[tuple[int, int, pd.DataFrame]], plan: embed_plan.EmbedPlan, state: Run,
@@ -312,8 +297,8 @@ def _selected_by_embeddings(pieces: list[tuple[int, int, pd.DataFrame]], plan: e
     by_uid = pd.Series(np.arange(len(pool.ids)), index=pool.ids).loc[whole["uid"].to_numpy()[at]].to_numpy()
     part = np.concatenate([np.full(len(frame), index, np.int32) for index, _, frame in pieces])
     row = np.concatenate([start + np.arange(len(frame), dtype=np.int32) for _, start, frame in pieces])
-    candidates = Candidates(whole["uid"].to_numpy(object)[at], part[at], row[at], state.scored_parts(),
-                            executor.map_shared, 1, pool.vectors[by_uid], pool.clip_score[by_uid])
+    candidates = Candidates(part[at], row[at], state.scored_parts(), executor.map_shared, 1, pool.vectors[by_uid],
+                            pool.clip_score[by_uid])
     stages = [s for s in registry.of_kind(registry.EMBEDDING) if registry.enabled(cfg, s)]
     selected = apply_stages(stages, whole, at, candidates, cfg, log, references)
     offset = 0
@@ -335,10 +320,11 @@ def _score(executor: Executor, pending: list[Part], state: Run, cfg: CurateConfi
             bar.set_postfix_str(f"parts {done}/{len(pending)}, rejected {sum(rejected.values())} ({top})")
 
 
-def _write_shards(executor: Executor, plans: list[ShardPlan], state: Run) -> list[dict]:
-    items = [{"plan": json.dumps(asdict(p))} for p in plans]
-    rows = executor.map_tasks(_write_shard_batch, {"parts_dir": str(state.parts_dir), "out_dir": str(state.shards_dir)},
-                              items)
+def _write_shards(executor: Executor, plans_file: Path, offsets: list[int], state: Run) -> list[dict]:
+    """Each shard written by a task that reads its own plan (the driver sends offsets, not uids)."""
+    rows = executor.map_tasks(_write_shard_batch, {"plans_file": str(plans_file), "parts_dir": str(state.parts_dir),
+                                                   "out_dir": str(state.shards_dir)},
+                              [{"offset": offset} for offset in offsets])
     return sorted((json.loads(row["info"]) for row in rows), key=lambda info: info["name"])
 
 
@@ -352,8 +338,3 @@ def _reset_shards_if_replanned(state: Run, digest: str) -> None:
         for stale in state.shards_dir.glob("*.tar*"):
             stale.unlink()
         atomic.write_json(plan_file, {"sha256": digest})
-
-
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    with atomic.replacing(path) as tmp:
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from data_pipeline.candidates import Candidates
+from data_pipeline.candidates import Candidates, References, Verdict
 from data_pipeline.registry import Stage, row_reason, run_stages, section_of
 from data_pipeline.stages.heuristics import RULES
 
@@ -46,7 +46,7 @@ def decide(rows: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
 
 def apply_stages(stages: Sequence[Stage], table: pd.DataFrame, at: np.ndarray, candidates: Candidates, cfg: Any,
                  log: Callable[[str], None], references: dict[str, list] | None = None) -> pd.DataFrame:
-    """Run global (or embedding) ``stages`` in order over ``candidates``, rows ``at`` of ``table``: each stage
+    """Run the embedding ``stages`` in order over ``candidates``, rows ``at`` of ``table``: each stage
     sees the candidates still kept when its turn comes. Returns ``table`` with their reasons (``reason``,
     ``kept``) and their columns (blank on the rows a stage did not see). The stages' warnings (k or a cluster
     count clipped to a small pool, seeds that retrieve nothing) go to the log. ``references``: stage name →
@@ -60,36 +60,49 @@ def apply_stages(stages: Sequence[Stage], table: pd.DataFrame, at: np.ndarray, c
         rows = at[still]
         seen = candidates.subset(still)
         seen.references = (references or {}).get(stage.name, [])
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            verdict = stage.function(seen, section_of(cfg, stage))
-        for warning in caught:
-            log(f"{stage.name}: warning: {warning.message}")
+        verdict = run_stage(stage, seen, section_of(cfg, stage), log)
         dropped = pd.notna(verdict.reason)
         table.loc[table.index[rows[dropped]], "reason"] = verdict.reason[dropped]
         table.loc[table.index[rows[dropped]], "kept"] = False
         for name, values in verdict.columns.items():
+            if isinstance(values, References):
+                values = values.resolve(table["uid"].to_numpy(object)[rows])
             _record(table, name, rows, np.asarray(values))
         log(f"{stage.name}: {int(dropped.sum())} of {len(rows)} rows dropped"
             + (f" ({verdict.note})" if verdict.note else ""))
     return table
 
 
+def run_stage(stage: Stage, seen: Candidates, section: Any, log: Callable[[str], None]) -> Verdict:
+    """A global or embedding stage over ``seen``; its warnings (k or a cluster count clipped to a small pool,
+    seeds that retrieve nothing) go to the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        verdict = stage.function(seen, section)
+    for warning in caught:
+        log(f"{stage.name}: warning: {warning.message}")
+    return verdict
+
+
 def _record(table: pd.DataFrame, name: str, rows: np.ndarray, values: np.ndarray) -> None:
-    """Set column ``name`` at ``rows``; a new column is blank elsewhere (NA, NaN, False or None by type)."""
+    """Set column ``name`` at ``rows``; a new column is blank elsewhere (``blank_column``)."""
     if name in table:
         table.loc[table.index[rows], name] = values
         return
-    if values.dtype.kind in "iu":
-        column = pd.array([pd.NA] * len(table), dtype="Int64")
-    elif values.dtype.kind == "f":
-        column = np.full(len(table), np.nan, dtype=np.float32)
-    elif values.dtype.kind == "b":
-        column = np.zeros(len(table), dtype=bool)
-    else:
-        column = np.full(len(table), None, dtype=object)
+    column = blank_column(values.dtype, len(table))
     column[rows] = values
     table[name] = column
+
+
+def blank_column(dtype: np.dtype, n: int):
+    """A stage's column before its values are set: NA, NaN, False or None by type."""
+    if dtype.kind in "iu":
+        return pd.array([pd.NA] * n, dtype="Int64")
+    if dtype.kind == "f":
+        return np.full(n, np.nan, dtype=np.float32)
+    if dtype.kind == "b":
+        return np.zeros(n, dtype=bool)
+    return np.full(n, None, dtype=object)
 
 
 def tally(decisions: pd.DataFrame) -> Counter:

@@ -3,7 +3,8 @@
 ``DecisionsFile``: ``decisions.parquet`` as one file (readers see it as before), written a row group
 per piece; ``ShardPlanner``: shard plans cut from the kept rows as they come, each written to a
 JSON-lines file as soon as it is full, with a digest of the whole plan (what decides whether the
-shards on disk can be reused).
+shards on disk can be reused) and each plan's byte offset: a shard's writer reads its own plan
+(``read_plan``), so the driver never holds the kept rows' uids.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import json
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -69,13 +69,15 @@ class ShardPlanner:
     def __init__(self, path: Path, per_shard: int):
         self.path, self.per_shard = path, per_shard
         self.count = 0
+        self.offsets: list[int] = []  # byte offset of each plan in the file
+        self._written = 0
         self._digest = hashlib.sha256()
         self._members: dict[str, list[str]] = {}
         self._filled = 0
         self._replacing = atomic.replacing(path)
 
     def __enter__(self) -> ShardPlanner:
-        self._handle = open(self._replacing.__enter__(), "w")
+        self._handle = open(self._replacing.__enter__(), "wb")
         return self
 
     def add(self, part_id: str, uids: list[str]) -> None:
@@ -88,9 +90,12 @@ class ShardPlanner:
                 self._flush()
 
     def _flush(self) -> None:
-        line = json.dumps(asdict(ShardPlan(f"shard-{self.count:06d}.tar", self._members)), sort_keys=True) + "\n"
+        line = (json.dumps(asdict(ShardPlan(f"shard-{self.count:06d}.tar", self._members)), sort_keys=True)
+                + "\n").encode()
         self._handle.write(line)
-        self._digest.update(line.encode())
+        self._digest.update(line)
+        self.offsets.append(self._written)
+        self._written += len(line)
         self.count += 1
         self._members, self._filled = {}, 0
 
@@ -105,15 +110,9 @@ class ShardPlanner:
         self._replacing.__exit__(*error)
 
 
-def read_plans(path: Path, batch: int) -> Iterator[list[ShardPlan]]:
-    """The plans of a ``ShardPlanner`` file, ``batch`` at a time."""
-    plans: list[ShardPlan] = []
-    with open(path) as handle:
-        for line in handle:
-            raw = json.loads(line)
-            plans.append(ShardPlan(raw["name"], raw["members"]))
-            if len(plans) == batch:
-                yield plans
-                plans = []
-    if plans:
-        yield plans
+def read_plan(path: Path, offset: int) -> ShardPlan:
+    """The plan at byte ``offset`` of a ``ShardPlanner`` file."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        raw = json.loads(handle.readline())
+    return ShardPlan(raw["name"], raw["members"])

@@ -20,6 +20,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,9 +52,12 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--keep", action="store_true", help="keep the output directory afterwards")
     parser.add_argument("--no-ray", action="store_true", help="the plain executor: everything in the driver process")
+    parser.add_argument("--reuse-scored", action="store_true",
+                        help="keep the scored parts of an earlier run in --out (only dedup and write run again: "
+                             "the steps whose driver memory is measured; wall time then excludes scoring)")
     parser.add_argument("overrides", nargs="*", help="more key=value overrides for the curate config")
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
+    clear_outputs(args.out, args.reuse_scored)
     command = [sys.executable, "-m", "data_pipeline.cli", "run", str(REPO / "configs" / "curate" / "demo.yaml"),
                f"output_dir={args.out}", f"sources=[{{format: webdataset, path: '{args.pool}'}}]", "progress=false",
                *args.overrides, *(["--no-ray"] if args.no_ray else [])]
@@ -62,17 +66,24 @@ def main() -> None:
     started = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     driver = psutil.Process(child.pid)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
+    reader.start()
     peak_driver = peak_all = 0
+    peak_by_step: dict[str, int] = {}  # the driver's, by the step it was in (the last step summary printed)
     while child.poll() is None:
         own, total = tree_rss(driver)
         peak_driver, peak_all = max(peak_driver, own), max(peak_all, total)
+        step = current_step(lines)
+        peak_by_step[step] = max(peak_by_step.get(step, 0), own)
         time.sleep(args.interval)
     wall = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU seconds of the run's processes that have been waited for (all of a plain run; the driver, not
     # Ray's daemons, in a Ray run): unlike wall time, hardly changed by other jobs on the cores.
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    output = child.stdout.read()
+    reader.join()
+    output = "".join(lines)
     if child.returncode != 0:
         sys.exit(f"vlm-curate failed ({child.returncode}):\n{output}")
     manifest = json.loads((args.out / "manifest.json").read_text())
@@ -82,12 +93,34 @@ def main() -> None:
               "ms_per_row": round(1000 * wall / rows["read"], 3), "cpu_s": round(cpu, 1),
               "cpu_ms_per_row": round(1000 * cpu / rows["read"], 3),
               "peak_rss_driver_mib": round(peak_driver / 2**20), "peak_rss_all_mib": round(peak_all / 2**20),
+              "peak_rss_driver_mib_by_step": {k: round(v / 2**20) for k, v in peak_by_step.items()},
               "load_before": [round(v, 2) for v in load_before],
               "load_after": [round(v, 2) for v in os.getloadavg()], "cores": os.cpu_count()}
     print("\n".join(line for line in output.splitlines() if line.startswith(("dedup:", "write:"))))
     print(json.dumps(result))
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
+
+
+def current_step(lines: list[str]) -> str:
+    """The step a run is in, from the step summaries it has printed ("score: ...", "dedup: ...")."""
+    done = [line.split(":")[0] for line in lines if line.startswith(("score:", "dedup:"))]
+    return {"score": "dedup", "dedup": "write"}[done[-1]] if done else "score"
+
+
+def clear_outputs(out: Path, keep_scored: bool) -> None:
+    """Remove ``out``; with ``keep_scored``, all of it but the scored parts and the run's stamp."""
+    if not keep_scored or not (out / ".work" / "parts").is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    kept = {out / ".work", out / ".work" / "parts", out / ".work" / "fingerprint.json"}
+    for path in sorted(out.rglob("*"), reverse=True):
+        if path in kept or (out / ".work" / "parts") in path.parents:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 if __name__ == "__main__":

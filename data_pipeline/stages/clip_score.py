@@ -44,7 +44,8 @@ class ClipScoreStageConfig(ClipScoreConfig):
 
 def clip_score(candidates: Candidates, cfg: ClipScoreConfig) -> Verdict:
     """The clip_score stage: the rule over the candidates' CLIP scores; ``flag_clip_score`` marks the rows it drops."""
-    passes, cutoff = passes_clip_score(pd.DataFrame({"uid": candidates.uid, "clip_score": candidates.clip_score}), cfg)
+    passes, cutoff = passes_clip_score(pd.DataFrame({"uid": candidates.column("uid"),
+                                                    "clip_score": candidates.clip_score}), cfg)
     return Verdict.of(passes, REASONS[cfg.rule], {"flag_clip_score": ~passes},
                       note=f"rule {cfg.rule}, cutoff {cutoff:.4f}")
 

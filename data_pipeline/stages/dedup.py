@@ -1,38 +1,47 @@
 """Deduplication, two global stages: exact (sha256 of the image bytes), then perceptual near duplicates.
 
-Both must compare every row with every other, so they run over compact columns, about 300
-bytes a row (``Compact``: uid, sha256, a caption digest, pixel and byte counts, the 192-byte grid
-code); the thumbnails and content signatures that confirm a near-duplicate pair (5 kB a row) stay
-where they are (``FingerprintSource``) and only the verification tasks read them, the rows of their
-pairs at a time. The candidate search (``near_candidates``) and the verification
-(``near_duplicates``) run as the executor's tasks.
+Both must compare every row with every other, yet the driver holds no string and no code per row
+(a few integers a row: a 1M-row pool must not cost it gigabytes):
+  exact   the first 64 bits of each sha256 (8 bytes a row); only rows whose prefix another row shares
+          are read in full (uid, sha256, caption, sizes: ``Compact``), whole prefix groups at a time,
+          about ``GROUP_ROWS`` rows, and compared (``exact_duplicates``).
+  near    the keep-one ranking comes from pixel and byte counts, with uids read only for rows that
+          tie on both, ``GROUP_ROWS`` at a time (``keep_order_of``); the grid codes, thumbnails and
+          content signatures stay in the parts' fingerprint files (``FingerprintSource``): the
+          candidate search tasks (``near_candidates``) read the codes they search and verify their
+          pairs there (``near_duplicates``), reading the rows of ``VERIFY_PAIRS`` pairs at a time,
+          so only verified pairs come back.
+A stage's verdict names the row a duplicate copies by its candidate position (``References``).
 
 Only rows that passed decode and heuristics take part (the stages' candidates), and near_dedup sees
-only what exact_dedup kept: a rejected row must not remove the acceptable copy of itself. Keep-one rule, the same for both kinds: rows are ranked by pixel count
-(larger first), then file bytes (larger first), then uid (smaller first); going down that ranking,
-a row is a duplicate when it matches a row already kept, and ``duplicate_of`` names that row.
+only what exact_dedup kept: a rejected row must not remove the acceptable copy of itself. Keep-one
+rule, the same for both kinds: rows are ranked by pixel count (larger first), then file bytes
+(larger first), then uid (smaller first); going down that ranking, a row is a duplicate when it
+matches a row already kept, and ``duplicate_of`` names that row.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from data_pipeline import fingerprints as fingerprint_files
-from data_pipeline.candidates import Candidates, Verdict
+from data_pipeline.candidates import Candidates, References, Verdict
 from data_pipeline.stages.content_signature import Signatures
 from data_pipeline.stages.decode import THUMBNAIL_SIDE
 from data_pipeline.stages.near_candidates import CellSearch, candidate_pairs, grid_codes
 from data_pipeline.stages.near_duplicates import Fingerprints, NearDuplicateSearch, grid, serial_map, verify
 
-VERIFY_PAIRS = 4096  # candidate pairs per verification task: bounds what one task holds (≈ 2 × 17 kB a pair)
+VERIFY_PAIRS = 4096  # candidate pairs verified at a time in a search task (≈ 2 × 17 kB a pair)
+GROUP_ROWS = 1 << 16  # rows whose strings (uid, sha256) the driver reads at a time (≈ 10 MB of them)
 EXACT_REASONS = ("exact_duplicate_image", "exact_duplicate_pair")
 NEAR_DUPLICATE = "near_duplicate"
 DEDUP_COLUMNS = ["sha256", "caption", "width", "height", "file_bytes"]  # with the uid
+_SIZE_COLUMNS = ["width", "height", "file_bytes"]
 
 
 @dataclass
@@ -58,17 +67,12 @@ class DedupConfig:
 
 @dataclass
 class Compact:
-    """The columns dedup needs, one entry per eligible row."""
+    """The columns exact dedup compares, one entry per row."""
     uid: np.ndarray  # object (str)
     sha256: np.ndarray  # object (hex str)
     caption: np.ndarray  # uint64 digest of the caption: exact pairs compare captions
     pixels: np.ndarray  # int64
     file_bytes: np.ndarray  # int64
-    codes: np.ndarray  # (n, 192) uint8 grid codes (near_candidates); (n, 0) where not needed
-
-    @classmethod
-    def concat(cls, pieces: list[Compact]) -> Compact:
-        return cls(*(np.concatenate([getattr(p, f.name) for p in pieces]) for f in fields(cls)))
 
     def take(self, rows: np.ndarray) -> Compact:
         return Compact(*(getattr(self, f.name)[rows] for f in fields(self)))
@@ -82,77 +86,95 @@ def caption_digest(captions) -> np.ndarray:
                      for c in captions], np.uint64)
 
 
-def compact(rows: pd.DataFrame, codes: np.ndarray) -> Compact:
-    """``rows``: uid, sha256, caption, width, height, file_bytes; ``codes``: their grid codes."""
-    pixels = rows["width"].astype("int64").to_numpy() * rows["height"].astype("int64").to_numpy()
+def pixels_of(rows: pd.DataFrame) -> np.ndarray:
+    return rows["width"].astype("int64").to_numpy() * rows["height"].astype("int64").to_numpy()
+
+
+def compact(rows: pd.DataFrame) -> Compact:
+    """``rows``: uid, sha256, caption, width, height, file_bytes."""
     return Compact(rows["uid"].to_numpy(object), rows["sha256"].to_numpy(object), caption_digest(rows["caption"]),
-                   pixels, rows["file_bytes"].to_numpy(np.int64), codes)
+                   pixels_of(rows), rows["file_bytes"].to_numpy(np.int64))
 
 
 @dataclass(frozen=True)
 class InMemory:
-    """Fingerprints held in memory (tests, benchmarks, small pools)."""
+    """Fingerprints and grid codes held in memory (tests, benchmarks, small pools)."""
     fingerprints: Fingerprints
+    grid_codes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.grid_codes)
 
     def take(self, rows: np.ndarray) -> Fingerprints:
         signatures = self.fingerprints.signatures
         return Fingerprints(self.fingerprints.thumbnails[rows], Signatures(*(
             getattr(signatures, f)[rows] for f in ("bars", "content", "content_spread", "whole", "whole_spread"))))
 
+    def codes(self, rows: np.ndarray) -> np.ndarray:
+        return self.grid_codes[rows]
+
+    def subset(self, rows: np.ndarray) -> InMemory:
+        return InMemory(self.take(rows), self.grid_codes[rows])
+
 
 @dataclass(frozen=True)
 class OnDisk:
-    """Fingerprints in the scored parts' fingerprint files: row r is record ``row[r]`` of part
+    """Fingerprints and grid codes in the scored parts' fingerprint files: row r is record ``row[r]`` of part
     ``part[r]`` (an index into ``part_ids``)."""
     parts_dir: str
     part_ids: list[str]
     part: np.ndarray
     row: np.ndarray
 
+    def __len__(self) -> int:
+        return len(self.part)
+
     def take(self, rows: np.ndarray) -> Fingerprints:
         records = fingerprint_files.gather(Path(self.parts_dir), self.part_ids, self.part[rows], self.row[rows])
         signatures = fingerprint_files.signature_bytes(records["signature"], records["signature_len"])
         return Fingerprints(np.ascontiguousarray(records["thumbnail"]), Signatures.parse(signatures))
 
+    def codes(self, rows: np.ndarray) -> np.ndarray:
+        return fingerprint_files.gather(Path(self.parts_dir), self.part_ids, self.part[rows], self.row[rows], "code")
+
 
 FingerprintSource = InMemory | OnDisk
-
-
-def keep_order(table: Compact) -> np.ndarray:
-    """Row positions in keep-one priority: most pixels, then most bytes, then smallest uid."""
-    return np.lexsort((table.uid, -table.file_bytes, -table.pixels))
 
 
 def exact_dedup(candidates: Candidates, cfg: DedupConfig) -> Verdict:
     """The exact_dedup stage: the same image bytes (sha256) as a row kept before it."""
     if not cfg.exact:
         return Verdict.keep_all(len(candidates))
-    reason, duplicate_of = exact_duplicates(candidate_table(candidates))
-    return Verdict(reason, {"duplicate_of": duplicate_of})
+    prefix = np.empty(len(candidates), np.uint64)
+    for at, rows in _pieces(candidates, ["sha256"]):
+        prefix[at] = sha256_prefix(rows["sha256"])
+    by_prefix = np.argsort(prefix, kind="stable")
+    shared = _in_runs(prefix[by_prefix])  # rows whose prefix another row shares: the only possible copies
+    members, keys = by_prefix[shared], prefix[by_prefix][shared]
+    del prefix, by_prefix, shared
+    reason = np.full(len(candidates), None, object)
+    duplicate_of = np.full(len(candidates), -1, np.int64)
+    for group in group_slices(keys, GROUP_ROWS):
+        at = members[group]
+        reason[at], head = exact_duplicates(compact(candidates.column_at(["uid", *DEDUP_COLUMNS], at)))
+        duplicate_of[at] = np.where(head >= 0, at[np.maximum(head, 0)], -1)
+    return Verdict(reason, {"duplicate_of": References(duplicate_of)})
 
 
 def near_dedup(candidates: Candidates, cfg: DedupConfig) -> Verdict:
     """The near_dedup stage: re-encodes, resizes and crops of a row kept before it, confirmed on content."""
     if not cfg.near:
         return Verdict.keep_all(len(candidates))
-    source = OnDisk(candidates.parts.dir, candidates.parts.ids, candidates.part, candidates.row)
-    reason, duplicate_of = near_duplicates(candidate_table(candidates, codes=True), source, cfg,
-                                           candidates.map_shared, candidates.chunks)
-    return Verdict(reason, {"duplicate_of": duplicate_of})
-
-
-def candidate_table(candidates: Candidates, codes: bool = False) -> Compact:
-    """The candidates' compact columns, read part by part; their grid codes only when ``codes``."""
-    pieces, start = [], 0
-    for rows in candidates.columns(DEDUP_COLUMNS):
-        where = slice(start, start + len(rows))
-        rows.insert(0, "uid", candidates.uid[where])  # the candidates' own strings, not a second copy
-        grid_code = (fingerprint_files.gather(Path(candidates.parts.dir), candidates.parts.ids, candidates.part[where],
-                                              candidates.row[where], "code")
-                     if codes else np.zeros((len(rows), 0), np.uint8))
-        pieces.append(compact(rows, grid_code))
-        start += len(rows)
-    return Compact.concat(pieces)
+    order, pixels = keep_order_of(candidates)
+    match = near_duplicate_match(OnDisk(candidates.parts.dir, candidates.parts.ids, candidates.part[order],
+                                        candidates.row[order]), pixels, cfg, candidates.map_shared, candidates.chunks)
+    del pixels
+    hit = match >= 0
+    reason = np.full(len(candidates), None, object)
+    reason[order[hit]] = NEAR_DUPLICATE
+    duplicate_of = np.full(len(candidates), -1, np.int64)
+    duplicate_of[order[hit]] = order[match[hit]]
+    return Verdict(reason, {"duplicate_of": References(duplicate_of)})
 
 
 def find_duplicates(rows: pd.DataFrame, cfg: DedupConfig, map_shared: Callable = serial_map,
@@ -164,72 +186,129 @@ def find_duplicates(rows: pd.DataFrame, cfg: DedupConfig, map_shared: Callable =
     Returns uid, reason_dedup, duplicate_of for the rows found to be duplicates.
     """
     thumbnails = thumbnail_array(rows["thumbnail"])
-    fingerprints = InMemory(Fingerprints(thumbnails, Signatures.parse(rows["signature"])))
-    table = compact(rows, grid_codes(grid(thumbnails)))
-    reason, duplicate_of = np.full(len(table), None, object), np.full(len(table), None, object)
+    source = InMemory(Fingerprints(thumbnails, Signatures.parse(rows["signature"])), grid_codes(grid(thumbnails)))
+    table = compact(rows)
+    reason, duplicate_of = np.full(len(table), None, object), np.full(len(table), -1, np.int64)
     if cfg.exact:
         reason, duplicate_of = exact_duplicates(table)
     if cfg.near:
         left = np.flatnonzero(pd.isna(reason))
-        reason[left], duplicate_of[left] = near_duplicates(table.take(left), InMemory(fingerprints.take(left)), cfg,
-                                                           map_shared, chunks)
+        order = left[keep_order(table.take(left))]
+        match = near_duplicate_match(source.subset(order), table.pixels[order], cfg, map_shared, chunks)
+        hit = match >= 0
+        reason[order[hit]] = NEAR_DUPLICATE
+        duplicate_of[order[hit]] = order[match[hit]]
     found = pd.notna(reason)
     return pd.DataFrame({"uid": table.uid[found], "reason_dedup": reason[found],
-                         "duplicate_of": duplicate_of[found]}).astype(object)
+                         "duplicate_of": table.uid[duplicate_of[found]]}).astype(object)
+
+
+def keep_order(table: Compact) -> np.ndarray:
+    """Row positions in keep-one priority: most pixels, then most bytes, then smallest uid."""
+    return np.lexsort((table.uid, -table.file_bytes, -table.pixels))
+
+
+def keep_order_of(candidates: Candidates) -> tuple[np.ndarray, np.ndarray]:
+    """``keep_order`` of the candidates, and their pixel counts in that order: the uids are read only of rows
+    that tie on pixels and bytes, ``GROUP_ROWS`` at a time."""
+    pixels, file_bytes = np.empty(len(candidates), np.int64), np.empty(len(candidates), np.int64)
+    for at, rows in _pieces(candidates, _SIZE_COLUMNS):
+        pixels[at], file_bytes[at] = pixels_of(rows), rows["file_bytes"].to_numpy(np.int64)
+    # Descending by both counts; the order within a tie is settled by uid below, so reversing an ascending
+    # sort serves (and needs no negated copies).
+    order = np.lexsort((file_bytes, pixels))[::-1]
+    pixels, file_bytes = pixels[order], file_bytes[order]
+    size_rank = np.zeros(len(order), np.int32)  # equal for rows that tie on both counts, in ranking order
+    np.cumsum((pixels[1:] != pixels[:-1]) | (file_bytes[1:] != file_bytes[:-1]), out=size_rank[1:])
+    del file_bytes
+    tied = np.flatnonzero(_in_runs(size_rank))
+    for group in group_slices(size_rank[tied], GROUP_ROWS):
+        at = tied[group]
+        uids = candidates.column_at(["uid"], order[at])["uid"].to_numpy(object)
+        order[at] = order[at][np.lexsort((uids, size_rank[at]))]  # a tie's rows have equal pixel counts
+    return order, pixels
+
+
+def _pieces(candidates: Candidates, names: list[str]) -> Iterator[tuple[slice, pd.DataFrame]]:
+    """``candidates.columns(names)`` with each piece's place among the candidates."""
+    start = 0
+    for rows in candidates.columns(names):
+        yield slice(start, start + len(rows)), rows
+        start += len(rows)
+
+
+def sha256_prefix(hexes: pd.Series) -> np.ndarray:
+    """The first 64 bits of each hex sha256."""
+    return np.array([int(h[:16], 16) for h in hexes], np.uint64)
+
+
+def _in_runs(keys: np.ndarray) -> np.ndarray:
+    """For sorted ``keys``: whether each entry equals a neighbour (is in a run of two or more)."""
+    same = keys[1:] == keys[:-1]
+    out = np.zeros(len(keys), bool)
+    out[1:] |= same
+    out[:-1] |= same
+    return out
+
+
+def group_slices(keys: np.ndarray, most: int) -> Iterator[slice]:
+    """Slices of sorted ``keys`` of about ``most`` entries each (more where one run of equal keys is longer),
+    never splitting a run."""
+    boundaries = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+    start = 0
+    while start < len(keys):
+        at = np.searchsorted(boundaries, start + most)
+        stop = int(boundaries[at]) if at < len(boundaries) else len(keys)
+        yield slice(start, stop)
+        start = stop
 
 
 def exact_duplicates(table: Compact) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``table``: its reason (exact_duplicate_pair when the captions match too, else
-    exact_duplicate_image; None when it is no copy) and the uid of the row it copies."""
+    exact_duplicate_image; None when it is no copy) and the position of the row it copies (-1: none)."""
     order = keep_order(table)
     group = pd.factorize(table.sha256[order])[0]
     head = np.unique(group, return_index=True)[1][group]  # each row's first position with its sha256
     copy = head != np.arange(len(order))
     caption = table.caption[order]
     same_caption = caption[copy] == caption[head[copy]]
-    reason, duplicate_of = np.full(len(table), None, object), np.full(len(table), None, object)
+    reason, duplicate_of = np.full(len(table), None, object), np.full(len(table), -1, np.int64)
     reason[order[copy]] = np.where(same_caption, "exact_duplicate_pair", "exact_duplicate_image")
-    duplicate_of[order[copy]] = table.uid[order[head[copy]]]
+    duplicate_of[order[copy]] = order[head[copy]]
     return reason, duplicate_of
 
 
-def near_duplicates(table: Compact, source: FingerprintSource, cfg: DedupConfig, map_shared: Callable = serial_map,
-                    chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``table`` (its fingerprints in ``source``, same order): near_duplicate or None, and the
-    uid of the row it duplicates."""
-    order = keep_order(table)
+def near_duplicate_match(source: FingerprintSource, pixels: np.ndarray, cfg: DedupConfig,
+                         map_shared: Callable = serial_map, chunks: int = 1) -> np.ndarray:
+    """For rows in keep order (``source`` and ``pixels``: theirs, in that order): the position of the kept
+    row each is a near duplicate of, or -1. The search tasks verify the candidate pairs they find."""
     search = NearDuplicateSearch(cfg.neighbours, cfg.max_crop, cfg.coarse_residual, cfg.max_residual,
                                  cfg.max_content_distance)
-    pairs = candidate_pairs(table.codes[order], cfg.neighbours, CellSearch(cfg.cell_rows, cfg.probes),
-                            map_shared, chunks)
-    same = verified(pairs, order, table.pixels, source, search, map_shared, chunks)
-    match = near_duplicate_of(pairs[same], len(order))
-    hit = match >= 0
-    reason, duplicate_of = np.full(len(table), None, object), np.full(len(table), None, object)
-    reason[order[hit]] = NEAR_DUPLICATE
-    duplicate_of[order[hit]] = table.uid[order[match[hit]]]
-    return reason, duplicate_of
+    same = candidate_pairs(source, cfg.neighbours, CellSearch(cfg.cell_rows, cfg.probes), map_shared, chunks,
+                           Verification(source, pixels, search))
+    return near_duplicate_of(same, len(pixels))
 
 
-def verified(pairs: np.ndarray, rows: np.ndarray, pixels: np.ndarray, source: FingerprintSource,
-             search: NearDuplicateSearch, map_shared: Callable, chunks: int) -> np.ndarray:
-    """Which candidate pairs (positions into ``rows``, whose entries index ``source``) are near
-    duplicates; verified in tasks of at most ``VERIFY_PAIRS`` pairs, at least ``chunks`` of them."""
-    first_larger = pixels[rows[pairs[:, 0]]] >= pixels[rows[pairs[:, 1]]]
-    larger = rows[np.where(first_larger, pairs[:, 0], pairs[:, 1])]
-    smaller = rows[np.where(first_larger, pairs[:, 1], pairs[:, 0])]
-    pieces = max(chunks, -(-len(pairs) // VERIFY_PAIRS))
-    items = [(larger[part], smaller[part], search) for part in np.array_split(np.arange(len(pairs)), pieces)]
-    return np.concatenate([np.zeros(0, bool), *map_shared(_verify_piece, source, items)])
+@dataclass(frozen=True)
+class Verification:
+    """Which candidate pairs (positions into ``source``; ``pixels``: each row's) are near duplicates, verified
+    ``VERIFY_PAIRS`` at a time: the search tasks' screen (``near_candidates.candidate_pairs``)."""
+    source: FingerprintSource
+    pixels: np.ndarray
+    search: NearDuplicateSearch
 
+    def __call__(self, pairs: np.ndarray) -> np.ndarray:
+        first_larger = self.pixels[pairs[:, 0]] >= self.pixels[pairs[:, 1]]
+        larger = np.where(first_larger, pairs[:, 0], pairs[:, 1])
+        smaller = np.where(first_larger, pairs[:, 1], pairs[:, 0])
+        return np.concatenate([np.zeros(0, bool), *(self._piece(larger[at:at + VERIFY_PAIRS],
+                                                                smaller[at:at + VERIFY_PAIRS])
+                                                    for at in range(0, len(pairs), VERIFY_PAIRS))])
 
-def _verify_piece(source: FingerprintSource, larger: np.ndarray, smaller: np.ndarray,
-                  search: NearDuplicateSearch) -> np.ndarray:
-    """One verification task: read the fingerprints of its pairs' rows only, then ``verify``."""
-    if len(larger) == 0:
-        return np.zeros(0, bool)
-    needed, local = np.unique(np.concatenate([larger, smaller]), return_inverse=True)
-    return verify(source.take(needed), local[:len(larger)], local[len(larger):], search)
+    def _piece(self, larger: np.ndarray, smaller: np.ndarray) -> np.ndarray:
+        """Read the fingerprints of these pairs' rows only, then ``verify``."""
+        needed, local = np.unique(np.concatenate([larger, smaller]), return_inverse=True)
+        return verify(self.source.take(needed), local[:len(larger)], local[len(larger):], self.search)
 
 
 def thumbnail_array(thumbnails: pd.Series) -> np.ndarray:

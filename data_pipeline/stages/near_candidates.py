@@ -15,11 +15,17 @@ compression noise and small shifts, so it lies in the same or a neighbouring cel
 ``probes`` cells) the search is that reference.
 
 Candidates are the pairs (i < j) where j is among i's k nearest or i among j's.
+
+Where the codes are: a ``CodeSource`` (the scored parts' fingerprint files, or an array in tests)
+that the tasks read themselves, the rows they need at a time, so the driver never holds the pool's
+codes (192 bytes a row). The plan task streams them in blocks; each join task reads the codes of
+its cells and of the cells they probe, and may screen its pairs before returning them (the
+near-duplicate verification), so only what survives travels back.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -28,6 +34,28 @@ _QUERY_BLOCK = 1024
 _BASE_BLOCK = 4096
 _KMEANS_ITERATIONS = 10
 _KMEANS_POINTS_PER_CELL = 40
+_ASSIGN_BLOCK = 65536  # rows whose codes the plan task reads at a time
+JOIN_QUERIES = 16384  # rows one join task searches for, at most: bounds the codes it reads (≤ probes × this)
+
+
+class CodeSource(Protocol):
+    """The grid codes of rows 0..len-1, read a few at a time."""
+
+    def __len__(self) -> int: ...
+
+    def codes(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class CodeArray:
+    """Codes held in memory (tests, small pools)."""
+    values: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def codes(self, rows: np.ndarray) -> np.ndarray:
+        return self.values[rows]
 
 
 @dataclass(frozen=True)
@@ -54,11 +82,11 @@ def grid_codes(grids: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(grids), 0, 255).astype(np.uint8)
 
 
-def plan_cells(codes: np.ndarray, search: CellSearch) -> Cells:
+def plan_cells(source: CodeSource, search: CellSearch) -> Cells:
     """k-means cells over the codes (a seeded sample trains them), each row in its nearest cell."""
     import faiss
 
-    n = len(codes)
+    n = len(source)
     count = max(1, n // search.cell_rows)
     probes = min(search.probes, count)
     if count <= probes:  # every cell would be probed: one cell is the same search
@@ -67,15 +95,16 @@ def plan_cells(codes: np.ndarray, search: CellSearch) -> Cells:
     sample = np.sort(rng.choice(n, min(n, count * _KMEANS_POINTS_PER_CELL), replace=False))
     kmeans = faiss.Kmeans(CODE_DIM, count, niter=_KMEANS_ITERATIONS, seed=search.seed, verbose=False,
                           max_points_per_centroid=_KMEANS_POINTS_PER_CELL)
-    kmeans.train(np.ascontiguousarray(codes[sample], dtype=np.float32))
+    kmeans.train(np.ascontiguousarray(source.codes(sample), dtype=np.float32))
     centres = faiss.IndexFlatL2(CODE_DIM)
     centres.add(kmeans.centroids)
     cell = np.empty(n, np.int64)
-    for start in range(0, n, _BASE_BLOCK):
-        cell[start:start + _BASE_BLOCK] = centres.search(
-            np.ascontiguousarray(codes[start:start + _BASE_BLOCK], dtype=np.float32), 1)[1][:, 0]
+    for start in range(0, n, _ASSIGN_BLOCK):
+        codes = np.ascontiguousarray(source.codes(np.arange(start, min(n, start + _ASSIGN_BLOCK))), dtype=np.float32)
+        for at in range(0, len(codes), _BASE_BLOCK):
+            cell[start + at:start + at + _BASE_BLOCK] = centres.search(codes[at:at + _BASE_BLOCK], 1)[1][:, 0]
     _, probed = centres.search(kmeans.centroids, probes)
-    members = np.argsort(cell, kind="stable")
+    members = np.argsort(cell, kind="stable").astype(np.int32)  # 4 bytes a row in every join task's copy
     starts = np.searchsorted(cell[members], np.arange(count + 1))
     return Cells(members, starts, probed.astype(np.int64))
 
@@ -108,19 +137,24 @@ def _pairs(queries: np.ndarray, nearest: np.ndarray) -> np.ndarray:
     return np.unique(np.sort(pairs, axis=1), axis=0)
 
 
-def cell_neighbours(codes: np.ndarray, cells: Cells, cell_ids: np.ndarray, k: int) -> np.ndarray:
-    """Candidate pairs (i < j) from the rows of the given cells and their k nearest in the probed cells."""
-    out = [np.zeros((0, 2), np.int64)]
+def cell_neighbours(source: CodeSource, cells: Cells, cell_ids: np.ndarray, k: int) -> np.ndarray:
+    """Candidate pairs (i < j) from the rows of the given cells and their k nearest in the probed cells.
+
+    Reads the codes of those rows only (``needed``, sorted) and searches by position among them: the
+    order of positions is the order of row ids, so ties break as they would by row id."""
+    cell_ids = [cell for cell in cell_ids if len(cells.rows(cell))]
+    needed = np.unique(np.concatenate([np.zeros(0, np.int64)] + [
+        cells.rows(c) for cell in cell_ids for c in cells.probed[cell]]))
+    codes = source.codes(needed)
     norms = squared_norms(codes)
+    out = [np.zeros((0, 2), np.int64)]
     for cell in cell_ids:
-        queries = cells.rows(cell)
-        if len(queries) == 0:
-            continue
-        base = np.sort(np.concatenate([cells.rows(c) for c in cells.probed[cell]]))
+        queries = np.searchsorted(needed, cells.rows(cell))
+        base = np.searchsorted(needed, np.sort(np.concatenate([cells.rows(c) for c in cells.probed[cell]])))
         for start in range(0, len(queries), _QUERY_BLOCK):
             block = queries[start:start + _QUERY_BLOCK]
             out.append(_pairs(block, _nearest(codes, norms, block, base, k)))
-    return np.unique(np.concatenate(out), axis=0)
+    return needed[np.unique(np.concatenate(out), axis=0)]
 
 
 def brute_force_neighbours(codes: np.ndarray, k: int) -> np.ndarray:
@@ -131,17 +165,23 @@ def brute_force_neighbours(codes: np.ndarray, k: int) -> np.ndarray:
         for s in range(0, len(codes), _QUERY_BLOCK)]), axis=0)
 
 
-def _join(shared: tuple[np.ndarray, Cells], cell_ids: np.ndarray, k: int) -> np.ndarray:
-    codes, cells = shared
-    return cell_neighbours(codes, cells, cell_ids, k)
+def _join(shared: tuple[CodeSource, Cells, Callable | None], cell_ids: np.ndarray, k: int) -> np.ndarray:
+    source, cells, screen = shared
+    pairs = cell_neighbours(source, cells, cell_ids, k)
+    return pairs if screen is None else pairs[screen(pairs)]
 
 
-def candidate_pairs(codes: np.ndarray, k: int, search: CellSearch, map_shared: Callable, chunks: int) -> np.ndarray:
-    """(m, 2) unique pairs i < j: the cell search, planned in one task and joined in ``chunks`` tasks
-    through ``map_shared`` (the executor's: Ray tasks, or a loop)."""
-    if len(codes) < 2:
+def candidate_pairs(source: CodeSource, k: int, search: CellSearch, map_shared: Callable, chunks: int,
+                    screen: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """(m, 2) unique pairs i < j: the cell search, planned in one task and joined in at least ``chunks``
+    tasks of at most about ``JOIN_QUERIES`` rows, through ``map_shared`` (the executor's: Ray tasks, or a
+    loop). ``screen``: which of a task's pairs it returns (a mask; run in the task), default all."""
+    n = len(source)
+    if n < 2:
         return np.zeros((0, 2), np.int64)
-    (cells,) = map_shared(plan_cells, codes, [(search,)])
+    (cells,) = map_shared(plan_cells, source, [(search,)])
     order = np.arange(len(cells.starts) - 1)
-    pieces = map_shared(_join, (codes, cells), [(part, k) for part in np.array_split(order, chunks) if len(part)])
-    return np.unique(np.concatenate(pieces), axis=0)
+    tasks = min(len(order), max(chunks, -(-n // JOIN_QUERIES)))
+    pieces = map_shared(_join, (source, cells, screen),
+                        [(part, k) for part in np.array_split(order, tasks) if len(part)])
+    return np.unique(np.concatenate([np.zeros((0, 2), np.int64), *pieces]), axis=0)

@@ -1,6 +1,9 @@
 """Curation that scales with the pool: the near-duplicate candidate search against its brute-force
-reference, and the write step's decisions streamed in pieces bounded by ``output.stream_rows``."""
+reference, the write step's decisions streamed in pieces bounded by ``output.stream_rows``, and the dedup
+step's driver holding a few integers per candidate."""
 from __future__ import annotations
+
+import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -8,7 +11,8 @@ import pyarrow.parquet as pq
 
 from data_pipeline.config import load_curate_config
 from data_pipeline.pipeline import run
-from data_pipeline.stages.near_candidates import CellSearch, brute_force_neighbours, candidate_pairs, plan_cells
+from data_pipeline.stages.near_candidates import (CellSearch, CodeArray, brute_force_neighbours, candidate_pairs,
+                                                  plan_cells)
 from data_pipeline.stages.near_duplicates import serial_map
 from tests.conftest import REPO
 
@@ -28,12 +32,12 @@ def clustered_codes(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_cell_search_is_the_brute_force_reference_when_every_cell_is_probed_and_finds_every_near_copy():
     codes, planted = clustered_codes()
     reference = brute_force_neighbours(codes, 10)
-    cells = plan_cells(codes, CellSearch(cell_rows=64))
+    cells = plan_cells(CodeArray(codes), CellSearch(cell_rows=64))
     assert len(cells.starts) - 1 == len(codes) // 64 and sorted(cells.members) == list(range(len(codes)))
     everything = CellSearch(cell_rows=64, probes=len(codes) // 64)
-    np.testing.assert_array_equal(candidate_pairs(codes, 10, everything, serial_map, 3), reference)
+    np.testing.assert_array_equal(candidate_pairs(CodeArray(codes), 10, everything, serial_map, 3), reference)
 
-    found = candidate_pairs(codes, 10, CellSearch(cell_rows=64, probes=4), serial_map, 3)
+    found = candidate_pairs(CodeArray(codes), 10, CellSearch(cell_rows=64, probes=4), serial_map, 3)
     found_set, reference_set = set(map(tuple, found)), set(map(tuple, reference))
     assert set(map(tuple, planted)) <= found_set  # every near copy is a candidate
     assert len(found_set & reference_set) / len(reference_set) >= 0.9  # most look-alike neighbours too
@@ -58,3 +62,37 @@ def test_decisions_are_written_in_pieces_of_stream_rows_and_read_back_complete(g
     assert rows["kept"] + int((~decisions["kept"]).sum()) == rows["read"]
     pd.testing.assert_frame_equal(decisions, at_once)
     assert pieces["funnel"] == whole["funnel"] and pieces["shards"] == whole["shards"]
+
+
+def dedup_step_peak(pool_glob: str, out, ray_address: str) -> tuple[int, int]:
+    """(candidate rows, peak bytes the driver's Python and numpy allocations reached) of the dedup step alone,
+    on Ray (its tasks' memory is theirs) over the already scored sources ``pool_glob``."""
+    cfg = load_curate_config(REPO / "configs" / "curate" / "demo.yaml", [
+        f"output_dir={out}", f"sources=[{{format: webdataset, path: '{pool_glob}'}}]", "progress=false",
+        "output.stream_rows=64"])
+    run(cfg, steps=["score"], ray_address=ray_address, log=lambda _: None)
+    logged: list[str] = []
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        run(cfg, steps=["dedup"], ray_address=ray_address, log=logged.append)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    (summary,) = [line for line in logged if line.startswith("dedup:")]
+    return int(summary.split(" of ")[1].split()[0]), peak
+
+
+def test_the_dedup_steps_driver_memory_grows_by_a_few_bytes_a_candidate_not_a_string_or_code_each(
+        generated_pool, tmp_path, local_ray, monkeypatch):
+    # The strings the driver reads a group at a time (uids of rows that tie on size, colliding sha256s) are
+    # bounded by these constants; small here, so the pools below are past them as a 1M pool is past the defaults.
+    monkeypatch.setattr("data_pipeline.stages.dedup.GROUP_ROWS", 256, raising=False)
+    monkeypatch.setattr("data_pipeline.verdicts.GROUP_ROWS", 256, raising=False)
+    small = dedup_step_peak(f"{generated_pool}/shard-00000[0-1].tar", tmp_path / "small", local_ray)
+    large = dedup_step_peak(f"{generated_pool}/*.tar", tmp_path / "large", local_ray)
+    per_row = (large[1] - small[1]) / (large[0] - small[0])
+    print(f"dedup step, driver: {per_row:.0f} bytes a candidate ({small} → {large})")
+    # Before: 894 bytes a candidate (uid and sha256 strings, 192-byte grid codes, candidate pairs); now ≈ 60.
+    assert large[0] > 2 * small[0] and per_row <= 96, f"{per_row:.0f} bytes a candidate ({small} → {large})"
