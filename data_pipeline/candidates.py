@@ -104,8 +104,9 @@ class Candidates:
         found = pd.concat(pieces, ignore_index=True)
         return found.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)
 
-    def uid_of(self, members: np.ndarray, valid: np.ndarray) -> References:
-        """Candidate ``members[i]`` where ``valid[i]``, else none (e.g. whom a duplicate copies)."""
+    def references_to(self, members: np.ndarray, valid: np.ndarray) -> References:
+        """Candidate ``members[i]`` where ``valid[i]``, else none (e.g. whom a duplicate copies); the pipeline
+        records their uids."""
         return References(np.where(valid, members, -1).astype(np.int64))
 
 

@@ -15,6 +15,6 @@ from data_pipeline.vector.copy_dedup import REASON, CopyDedupConfig, copy_dedup 
 def copy_dedup(candidates: Candidates, cfg: CopyDedupConfig) -> Verdict:
     result = find_copies(candidates.vectors, cfg, candidates.clip_score.astype(np.float64))
     return Verdict.of(result.keep, REASON, {
-        "copy_duplicate_of": candidates.uid_of(result.representative, ~result.keep),
+        "copy_duplicate_of": candidates.references_to(result.representative, ~result.keep),
         "copy_group_size": result.component_size.astype(np.int64),
         "copy_similarity": result.similarity_to_representative.astype(np.float32)})

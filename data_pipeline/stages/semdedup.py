@@ -18,5 +18,5 @@ def semdedup(candidates: Candidates, cfg: SemDedupConfig) -> Verdict:
     similarity = np.where(np.isfinite(result.max_similarity), result.max_similarity, np.nan).astype(np.float32)
     return Verdict.of(result.keep, REASON, {
         "semdedup_cluster": result.cluster.astype(np.int64),
-        "semdedup_duplicate_of": candidates.uid_of(result.most_similar, ~result.keep),
+        "semdedup_duplicate_of": candidates.references_to(result.most_similar, ~result.keep),
         "semdedup_similarity": similarity})

@@ -36,4 +36,4 @@ def caption_repeats(candidates: Candidates, cfg: CaptionRepeatsConfig) -> Verdic
     seen = captions.groupby(captions).cumcount().to_numpy()
     first = captions.groupby(captions).transform(lambda group: group.index[0]).to_numpy()
     keep = seen < cfg.max_repeats
-    return Verdict.of(keep, "repeated_caption", {"caption_first_seen": candidates.uid_of(first, ~keep)})
+    return Verdict.of(keep, "repeated_caption", {"caption_first_seen": candidates.references_to(first, ~keep)})
