@@ -25,12 +25,16 @@ def cli_env() -> dict[str, str]:
     }
 
 
+# How torchrun names a rank killed by a native crash: a segfault, or glibc aborting on a corrupted heap.
+RANK_CRASHES = ("SIGSEGV", "SIGABRT")
+
+
 def run_tool(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a console tool (``vlm-train`` …) or a script under tools/ with this interpreter.
 
-    A training launch whose rank died of SIGSEGV is rerun once in a fresh output directory, with a warning
-    that carries the crash's stacks into the test report. Rarely (a few times in hundreds of launches on a
-    loaded machine, never reproduced on its own) a gloo rank segfaults in native code; a second crash, or
+    A training launch whose rank crashed (SIGSEGV, SIGABRT) is rerun once in a fresh output directory, with a
+    warning that carries the crash's stacks into the test report. Rarely (a few times in hundreds of launches on a
+    loaded machine, never reproduced on its own) a gloo rank crashes in native code; a second crash, or
     any other failure, fails the test as before."""
     head, *rest = args
     if head.endswith(".py"):
@@ -39,8 +43,8 @@ def run_tool(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         command = [str(Path(sys.executable).parent / head), *rest]
     result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
     out_dir = fresh_output_dir(rest)
-    if result.returncode != 0 and "(SIGSEGV)" in result.stderr and out_dir is not None:
-        warnings.warn(f"a rank of `{head} {' '.join(rest)}` died of SIGSEGV; rerunning it once in a fresh "
+    if result.returncode != 0 and any(f"({name})" in result.stderr for name in RANK_CRASHES) and out_dir is not None:
+        warnings.warn(f"a rank of `{head} {' '.join(rest)}` crashed; rerunning it once in a fresh "
                       f"{out_dir}:\n{failure_text(result)}", stacklevel=2)
         shutil.rmtree(out_dir, ignore_errors=True)
         result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
