@@ -67,10 +67,10 @@ def configure_runtime() -> None:
     """Quiet, CPU-friendly defaults; set before DeepSpeed is imported anywhere."""
     import torch
 
-    # A crash in native code (a rank's SIGSEGV) prints every thread's C++ stack (torch's handler), then
-    # every thread's Python stack (faulthandler, which torch's handler chains to).
-    faulthandler.enable()
-    torch._C._set_print_stack_traces_on_fatal_signal(True)
+    # A crash in native code (a rank's SIGSEGV, glibc's abort on a corrupt heap) prints every thread's
+    # Python stack. Not torch's C++ stack printer: it allocates inside the handler, and after glibc's abort
+    # (which holds the heap's lock) it deadlocked the rank instead of letting it die.
+    faulthandler.enable(all_threads=True)
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
