@@ -11,8 +11,8 @@ on the first corrupted heap chunk it meets. A launch that does not exit cleanly 
 ``--gather vlmtrain`` is ``vlmtrain.distributed.collectives.gather_with_grad``; ``funcol`` puts in its place
 torch's functional-collective gather it replaced (``all_gather_single``), which corrupted the heap here: ranks
 died of SIGSEGV, SIGABRT ("malloc_consolidate(): unaligned fastbin chunk detected") or deadlocked in
-up to a third of 4-second launches (2 of 6 at load 1.9, 0 of 10 at load 5.7: it is a race). Crashes come early in a launch or not at all, so many short
-launches find them faster than a long one.
+up to a third of 4-second launches (2 of 6 at load 1.9, 0 of 10 at load 5.7: it is a race). Crashes come
+early in a launch or not at all, so many short launches find them faster than a long one.
 
 Example:
   python tools/stress_gather.py --gather vlmtrain funcol --launches 10 --seconds 4
