@@ -96,11 +96,12 @@ def coarse_residual(thumbnails: np.ndarray, larger: np.ndarray, smaller: np.ndar
         chunk = images[start:start + _CHUNK]
         windows = (flat @ grey[chunk] @ flat.T).reshape(-1, count, CELLS, count, CELLS)
         windows = windows.transpose(0, 1, 3, 2, 4).reshape(len(chunk), count * count, CELLS * CELLS)
-        norms = np.einsum("cwd,cwd->cw", windows, windows)
         for offset in range(len(chunk)):
             rows = order[bounds[start + offset]:bounds[start + offset + 1]]
-            target = targets[rows]  # (k, d)
-            errors = norms[offset][None, :] - 2 * target @ windows[offset].T + (target ** 2).sum(1, keepdims=True)
+            # Summed squares of differences, not |w|² - 2·t·w + |t|²: a matrix product's rounding depends on how
+            # many rows it multiplies (BLAS kernels), i.e. on which other pairs share this image in the task,
+            # and the cancellation made that ~1e-3 RMS; a pair's verdict must not depend on its company.
+            errors = ((windows[offset][None, :, :] - targets[rows][:, None, :]) ** 2).sum(axis=2)  # (k, windows)
             best[rows] = errors.argmin(axis=1)
             residual[rows] = errors[np.arange(len(rows)), best[rows]]
     residual = np.sqrt(np.maximum(residual, 0) / (CELLS * CELLS))

@@ -249,3 +249,25 @@ def test_config_errors_name_the_key(tmp_path):
         load_curate_config(None, ["output_dir=x"])
     with pytest.raises(ConfigError, match=r"sources\[0\].format"):
         load_curate_config(None, ["output_dir=x", "sources=[{path: a, format: zip}]"])
+
+
+def test_a_near_duplicate_pairs_check_does_not_depend_on_which_other_pairs_are_checked_with_it():
+    # The search tasks verify the pairs they found, 4096 at a time: which pairs share a larger image in one
+    # call depends on the pool's split into tasks (pool size, CPUs). The coarse check's errors came from a
+    # matrix product over those pairs, whose rounding depends on how many there are (~1e-3 RMS after the
+    # cancellation in |w|² - 2·t·w + |t|²): two splits of one pool verified a borderline pair differently.
+    from data_pipeline.stages.dedup import thumbnail_array
+    from data_pipeline.stages.near_duplicates import coarse_residual, fine_residual
+
+    rows = dedup_rows([encode(scene(seed), "PNG") for seed in range(24)], ["a"] * 24)
+    thumbnails = thumbnail_array(rows["thumbnail"])
+    larger, smaller = np.triu_indices(len(thumbnails), 1)  # every pair, 23 with the first as the larger image
+    together = coarse_residual(thumbnails, larger, smaller, 0.1)
+    alone = [coarse_residual(thumbnails, larger[i:i + 1], smaller[i:i + 1], 0.1) for i in range(len(larger))]
+    np.testing.assert_array_equal(together[0], np.concatenate([a[0] for a in alone]))  # bitwise
+    np.testing.assert_array_equal(together[1], np.concatenate([a[1] for a in alone]))
+    shuffled = np.random.default_rng(0).permutation(len(larger))
+    fine = fine_residual(thumbnails, larger, smaller, together[1], 0.1)
+    fine_shuffled = fine_residual(thumbnails, larger[shuffled], smaller[shuffled], together[1][shuffled], 0.1)
+    np.testing.assert_array_equal(fine[0][shuffled], fine_shuffled[0])
+    np.testing.assert_array_equal(fine[1][shuffled], fine_shuffled[1])
