@@ -4,9 +4,9 @@
 Each launch starts two gloo ranks that, for ``--seconds``, repeat what a CLIP training step does around
 its gathers: take the stop vote (``StopRequest.agreed``: an asynchronous all-reduce left in flight
 until the next step), then the forward and backward of ``ClipLoss``, which gathers the image and the
-text features with their graph. The
-ranks run with glibc's checking allocator (``libc_malloc_debug``, ``MALLOC_CHECK_=3``), which aborts
-on the first corrupted heap chunk it meets. A launch that does not exit cleanly counts as a crash.
+text features with their graph. The ranks run with glibc's checking allocator (``libc_malloc_debug``,
+``MALLOC_CHECK_=3``), which aborts on the first corrupted heap chunk it meets. A launch that does not exit
+cleanly counts as a crash.
 
 ``--gather vlmtrain`` is ``vlmtrain.distributed.collectives.gather_with_grad``; ``funcol`` puts in its place
 torch's functional-collective gather it replaced (``all_gather_single``), which corrupted the heap here: ranks
@@ -112,10 +112,10 @@ def stress(gathers: list[str], launches: int, seconds: float, timeout: float) ->
                 result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
                 result = None
-            if result is None or result.returncode != 0:
+            crashed = result is None or result.returncode != 0
+            if crashed:
                 crashes[name].append(crash_reason(result))
-            print(f"launch {number + 1}/{launches} {name}: {'ok' if result and result.returncode == 0 else 'CRASH'}",
-                  flush=True)
+            print(f"launch {number + 1}/{launches} {name}: {'CRASH' if crashed else 'ok'}", flush=True)
     return crashes
 
 
