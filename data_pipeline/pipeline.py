@@ -50,7 +50,7 @@ from data_pipeline.registry import row_reason, row_stages, run_stages, section_o
 from data_pipeline.select import apply_stages, decide, funnel_of, passed_row_stages
 from data_pipeline.shards import file_sha256, write_shard
 from data_pipeline.sources import Part, list_parts, read_part
-from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plan
+from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plans
 from vlmtrain import atomic
 from vlmtrain.errors import UserError
 from vlmtrain.runlock import RunLock
@@ -105,9 +105,10 @@ class PartScorer:
 
 
 def _write_shard_batch(batch: dict, plans_file: str, parts_dir: str, out_dir: str) -> dict:
-    """Write the shards whose plans start at ``batch["offset"]`` in the plans file."""
-    infos = [write_shard(read_plan(Path(plans_file), int(offset)), Path(parts_dir), Path(out_dir))
-             for offset in batch["offset"]]
+    """Write the ``count`` consecutive shards whose plans start at byte ``offset`` of the plans file."""
+    infos = [write_shard(plan, Path(parts_dir), Path(out_dir))
+             for offset, count in zip(batch["offset"], batch["count"])
+             for plan in read_plans(Path(plans_file), int(offset), int(count))]
     return {"info": [json.dumps(i) for i in infos]}
 
 
@@ -220,9 +221,9 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
             if pending:
                 _score(executor_started(), pending, state, cfg)
             log(f"score: {len(state.parts)} part(s) scored ({len(state.parts) - len(pending)} from an earlier run)")
+        tasks = 2 * cfg.ray.workers if use_ray else 1  # a step's tasks: for every worker to work in parallel
         if "dedup" in steps:
-            # Tasks for every worker to search and verify in parallel (one in a plain run).
-            candidates = state.candidates(executor_started(), 2 * cfg.ray.workers if use_ray else 1)
+            candidates = state.candidates(executor_started(), tasks)
             verdicts = global_verdicts.apply_global(registry.of_kind(registry.GLOBAL), candidates, cfg, log)
             global_verdicts.write(verdicts, candidates, state.verdicts)
             log(f"dedup: {verdicts.dropped} of {len(candidates)} candidate rows dropped by the global stages")
@@ -255,7 +256,7 @@ def _run_steps(cfg: CurateConfig, state: Run, steps: list[str], ray_address: str
                 decisions.write(frame)
                 planner.add(state.parts[index].part_id, list(frame["uid"][frame["kept"].to_numpy()]))
         _reset_shards_if_replanned(state, planner.digest)
-        infos = _write_shards(executor_started(), plans_file, planner.offsets, state)
+        infos = _write_shards(executor_started(), plans_file, planner.offsets, tasks, state)
         manifest = {
             "funnel": funnel_of(decisions.counts, run_stages(cfg, embedded)),
             "shards": infos,
@@ -320,11 +321,13 @@ def _score(executor: Executor, pending: list[Part], state: Run, cfg: CurateConfi
             bar.set_postfix_str(f"parts {done}/{len(pending)}, rejected {sum(rejected.values())} ({top})")
 
 
-def _write_shards(executor: Executor, plans_file: Path, offsets: list[int], state: Run) -> list[dict]:
-    """Each shard written by a task that reads its own plan (the driver sends offsets, not uids)."""
+def _write_shards(executor: Executor, plans_file: Path, offsets: list[int], tasks: int, state: Run) -> list[dict]:
+    """The shards written in ``tasks`` runs of consecutive plans, each task reading its own plans (the driver
+    sends byte offsets, not uids). Few tasks, not one per shard: a task costs Ray Data ≈50 ms of CPU."""
+    runs = [run for run in np.array_split(np.arange(len(offsets)), min(tasks, len(offsets)) or 1) if len(run)]
     rows = executor.map_tasks(_write_shard_batch, {"plans_file": str(plans_file), "parts_dir": str(state.parts_dir),
                                                    "out_dir": str(state.shards_dir)},
-                              [{"offset": offset} for offset in offsets])
+                              [{"offset": offsets[run[0]], "count": len(run)} for run in runs])
     return sorted((json.loads(row["info"]) for row in rows), key=lambda info: info["name"])
 
 

@@ -4,7 +4,7 @@
 per piece; ``ShardPlanner``: shard plans cut from the kept rows as they come, each written to a
 JSON-lines file as soon as it is full, with a digest of the whole plan (what decides whether the
 shards on disk can be reused) and each plan's byte offset: a shard's writer reads its own plan
-(``read_plan``), so the driver never holds the kept rows' uids.
+(``read_plans``), so the driver never holds the kept rows' uids.
 """
 from __future__ import annotations
 
@@ -110,9 +110,9 @@ class ShardPlanner:
         self._replacing.__exit__(*error)
 
 
-def read_plan(path: Path, offset: int) -> ShardPlan:
-    """The plan at byte ``offset`` of a ``ShardPlanner`` file."""
+def read_plans(path: Path, offset: int, count: int) -> list[ShardPlan]:
+    """The ``count`` plans from byte ``offset`` of a ``ShardPlanner`` file."""
     with open(path, "rb") as handle:
         handle.seek(offset)
-        raw = json.loads(handle.readline())
-    return ShardPlan(raw["name"], raw["members"])
+        raws = [json.loads(handle.readline()) for _ in range(count)]
+    return [ShardPlan(raw["name"], raw["members"]) for raw in raws]
