@@ -121,7 +121,10 @@ def train(cfg: TrainConfig) -> dict:
                                  dp_rank=groups.dp_rank, dp_size=dims.dp, seed=cfg.seed, cursor=cursor,
                                  sample_inputs=spec.sample_inputs(cfg.model) if spec.sample_inputs else None)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    meter = ThroughputMeter(flops_per_sample=count_flops_per_sample(spec, cfg.model),
+    # FLOPs per sample feed the throughput columns of the metrics, which only the main rank writes: the others
+    # skip the count (the model's forward and backward on the meta device, about a second of CPU in a fresh
+    # process, with every rank of the node starting up on the same cores).
+    meter = ThroughputMeter(flops_per_sample=count_flops_per_sample(spec, cfg.model) if env.is_main else 0.0,
                             peak_tflops=device_peak_tflops(cfg.metrics.peak_tflops), dp_size=dims.dp)
     bounds = ParameterBounds(engine.module, spec)
     metrics = MetricsLogger(run_dir, env.is_main, cfg.metrics.tensorboard, resume_step=start_step)
