@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import logging
 import os
 import sys
@@ -179,6 +180,9 @@ def launch_local_ranks(nproc: int, rank_argv: list[str], port: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    # torch stays loaded until this process exits: out of the cyclic collector's sight, it costs no full
+    # collection at exit (half a second of CPU).
+    gc.freeze()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         torchrun([f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",

@@ -27,6 +27,14 @@ RANK = textwrap.dedent("""
 """)
 
 
+def alive(process: psutil.Process) -> bool:
+    """Running, not only waiting to be reaped (an orphan's parent is init, which reaps it in its own time)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def start_rank(shards, mode: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
     rank = subprocess.Popen([sys.executable, "-c", RANK, str(shards), mode], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -56,6 +64,18 @@ def test_a_rank_that_fails_with_live_loader_workers_exits_instead_of_hanging(tmp
         rank.kill()
     assert "the rank fails while its workers are alive" in rank.stderr.read()
     assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+
+
+def test_the_loader_workers_of_a_rank_killed_by_a_signal_die_with_it_at_once(tmp_path):
+    """They hold the rank's gloo sockets (forked after the process group was made): alive, they would hide
+    the dead rank from its peers until torch's watchdog in each worker noticed the orphan (every 5 s)."""
+    rank, workers = start_rank(write_shards(tmp_path / "a", "a", shards=2, per_shard=16), "wait")
+    rank.kill()
+    rank.wait()
+    deadline = time.monotonic() + 1.0
+    while any(alive(worker) for worker in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(alive(worker) for worker in workers)
 
 
 def test_closing_the_loader_stops_its_workers(tmp_path):
