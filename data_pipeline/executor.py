@@ -1,11 +1,11 @@
 """Where the parallel work of a curation runs: on Ray (``RayExecutor``) or in this one process
 (``LocalExecutor``, the benchmark's reference and for debugging). The only module that knows Ray.
 
-Both offer the same four shapes of work, and the steps name no executor:
+Both offer the same three shapes of work, and the steps name no executor:
   map_actors   an object built once per worker (costly: a language model), then called on one item
                at a time (Ray Data actors with fractional CPUs): the score step
-  map_tasks    a plain function per item (Ray Data tasks): writing shards
-  map_shared   ``function(shared, *item)`` per item, ``shared`` sent once (Ray tasks): dedup's searches
+  map_shared   ``function(shared, *item)`` per item, ``shared`` sent once (Ray tasks, all started at
+               once): dedup's searches, writing shards
   workers      long-lived workers that keep their state between calls (Ray actors): the embed step's
                model workers, which load the model once and serve every set of one run
 
@@ -66,12 +66,6 @@ class RayExecutor:
             num_cpus=self.cfg.cpus_per_worker)
         yield from dataset.iter_rows()
 
-    def map_tasks(self, function: Callable, kwargs: dict, items: list[dict]) -> Iterator[dict]:
-        """``function(batch, **kwargs)`` per item (a batch of one row); the rows of its batches."""
-        dataset = self.ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            function, fn_kwargs=kwargs, batch_size=1, num_cpus=self.cfg.cpus_per_worker)
-        yield from dataset.iter_rows()
-
     def map_shared(self, function: Callable, shared, items: list[tuple]) -> list:
         """``function(shared, *item)`` per item as Ray tasks; ``shared`` goes to the object store once."""
         remote = self.ray.remote(num_cpus=self.cfg.cpus_per_worker)(function)
@@ -117,10 +111,6 @@ class LocalExecutor:
         built = actor(**kwargs)
         for item in items:
             yield from _rows(built({name: [value] for name, value in item.items()}))
-
-    def map_tasks(self, function: Callable, kwargs: dict, items: list[dict]) -> Iterator[dict]:
-        for item in items:
-            yield from _rows(function({name: [value] for name, value in item.items()}, **kwargs))
 
     map_shared = staticmethod(serial_map)
 

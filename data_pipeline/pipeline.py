@@ -104,12 +104,11 @@ class PartScorer:
         return {"summary": [json.dumps(s) for s in summaries]}
 
 
-def _write_shard_batch(batch: dict, plans_file: str, parts_dir: str, out_dir: str) -> dict:
-    """Write the ``count`` consecutive shards whose plans start at byte ``offset`` of the plans file."""
-    infos = [write_shard(plan, Path(parts_dir), Path(out_dir))
-             for offset, count in zip(batch["offset"], batch["count"])
-             for plan in read_plans(Path(plans_file), int(offset), int(count))]
-    return {"info": [json.dumps(i) for i in infos]}
+def _write_shard_run(paths: tuple[str, str, str], offset: int, count: int) -> list[dict]:
+    """Write the ``count`` consecutive shards whose plans start at byte ``offset`` of the plans file;
+    ``paths``: the plans file, the scored parts' folder and the shards' folder."""
+    plans_file, parts_dir, out_dir = map(Path, paths)
+    return [write_shard(plan, parts_dir, out_dir) for plan in read_plans(plans_file, offset, count)]
 
 
 # ------------------------------------------------------------------ the run
@@ -323,12 +322,12 @@ def _score(executor: Executor, pending: list[Part], state: Run, cfg: CurateConfi
 
 def _write_shards(executor: Executor, plans_file: Path, offsets: list[int], tasks: int, state: Run) -> list[dict]:
     """The shards written in ``tasks`` runs of consecutive plans, each task reading its own plans (the driver
-    sends byte offsets, not uids). Few tasks, not one per shard: a task costs Ray Data ≈50 ms of CPU."""
+    sends byte offsets, not uids). Ray tasks, all started at once: Ray Data started a task per shard, each
+    costing ≈50 ms of CPU, and ramped its tasks up over seconds."""
     runs = [run for run in np.array_split(np.arange(len(offsets)), min(tasks, len(offsets)) or 1) if len(run)]
-    rows = executor.map_tasks(_write_shard_batch, {"plans_file": str(plans_file), "parts_dir": str(state.parts_dir),
-                                                   "out_dir": str(state.shards_dir)},
-                              [{"offset": offsets[run[0]], "count": len(run)} for run in runs])
-    return sorted((json.loads(row["info"]) for row in rows), key=lambda info: info["name"])
+    written = executor.map_shared(_write_shard_run, (str(plans_file), str(state.parts_dir), str(state.shards_dir)),
+                                  [(offsets[run[0]], len(run)) for run in runs])
+    return [info for infos in written for info in infos]
 
 
 def _reset_shards_if_replanned(state: Run, digest: str) -> None:
