@@ -247,7 +247,13 @@ class LoaderCursor:
         return {"positions": list(self.positions), "next_worker": self.next_worker}
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def init_loader_worker(worker_id: int) -> None:
+    """Each loader worker's start: it lives and dies by its rank."""
+    ignore_stop_signals()
+    die_with_rank()
+
+
+def ignore_stop_signals() -> None:
     """Loader workers leave SIGTERM/SIGUSR1 to their rank, which saves and then shuts them down.
 
     SLURM's scancel signals every process of a job step; a worker dying of it would crash its rank
@@ -255,7 +261,6 @@ def ignore_stop_signals(worker_id: int) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    die_with_rank()
 
 
 def die_with_rank() -> None:
@@ -299,7 +304,7 @@ class TrainLoader:
                                    next_worker=stream.worker_offset)
         self._loader = iter(DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
                                        persistent_workers=num_workers > 0, drop_last=True,
-                                       worker_init_fn=ignore_stop_signals))
+                                       worker_init_fn=init_loader_worker))
         if num_workers > 0:
             atexit.unregister(kill_loader_workers)  # once, and after multiprocessing's own hook
             atexit.register(kill_loader_workers)
