@@ -50,7 +50,7 @@ def test_loader_workers_survive_the_sigterm_that_scancel_sends_to_every_process(
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
         time.sleep(1.0)
-        assert all(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+        assert all(alive(worker) for worker in workers)
     finally:
         rank.kill()
         rank.wait()
@@ -63,7 +63,7 @@ def test_a_rank_that_fails_with_live_loader_workers_exits_instead_of_hanging(tmp
     finally:
         rank.kill()
     assert "the rank fails while its workers are alive" in rank.stderr.read()
-    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    assert not any(alive(worker) for worker in workers)
 
 
 def test_the_loader_workers_of_a_rank_killed_by_a_signal_die_with_it_at_once(tmp_path):
@@ -92,4 +92,4 @@ def test_closing_the_loader_stops_its_workers(tmp_path):
     assert len(workers) == 2
     batches.close()
     psutil.wait_procs(workers, timeout=10)
-    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    assert not any(alive(worker) for worker in workers)
