@@ -322,8 +322,8 @@ def _score(executor: Executor, pending: list[Part], state: Run, cfg: CurateConfi
 
 def _write_shards(executor: Executor, plans_file: Path, offsets: list[int], tasks: int, state: Run) -> list[dict]:
     """The shards written in ``tasks`` runs of consecutive plans, each task reading its own plans (the driver
-    sends byte offsets, not uids). Ray tasks, all started at once: Ray Data started a task per shard, each
-    costing ≈50 ms of CPU, and ramped its tasks up over seconds."""
+    sends byte offsets, not uids). Few plain Ray tasks, all started at once: a Ray Data task costs ≈50 ms of
+    CPU, and Ray Data ramps its tasks up over seconds."""
     runs = [run for run in np.array_split(np.arange(len(offsets)), min(tasks, len(offsets)) or 1) if len(run)]
     written = executor.map_shared(_write_shard_run, (str(plans_file), str(state.parts_dir), str(state.shards_dir)),
                                   [(offsets[run[0]], len(run)) for run in runs])
