@@ -48,9 +48,9 @@ from data_pipeline.embed.store import EmbeddingsMissing, load
 from data_pipeline.executor import Executor, make_executor
 from data_pipeline.registry import row_reason, row_stages, run_stages, section_of
 from data_pipeline.select import apply_stages, decide, funnel_of, passed_row_stages
-from data_pipeline.shards import file_sha256, write_shard
+from data_pipeline.shards import file_sha256, write_shard_run
 from data_pipeline.sources import Part, list_parts, read_part
-from data_pipeline.write_stream import DecisionsFile, ShardPlanner, read_plans
+from data_pipeline.write_stream import DecisionsFile, ShardPlanner
 from vlmtrain import atomic
 from vlmtrain.errors import UserError
 from vlmtrain.runlock import RunLock
@@ -102,13 +102,6 @@ class PartScorer:
         summaries = [score_part(Part(part_id, int(source), path), self.cfg, self.functions, self.parts_dir)
                      for part_id, source, path in zip(batch["part_id"], batch["source_index"], batch["path"])]
         return {"summary": [json.dumps(s) for s in summaries]}
-
-
-def _write_shard_run(paths: tuple[str, str, str], offset: int, count: int) -> list[dict]:
-    """Write the ``count`` consecutive shards whose plans start at byte ``offset`` of the plans file;
-    ``paths``: the plans file, the scored parts' folder and the shards' folder."""
-    plans_file, parts_dir, out_dir = map(Path, paths)
-    return [write_shard(plan, parts_dir, out_dir) for plan in read_plans(plans_file, offset, count)]
 
 
 # ------------------------------------------------------------------ the run
@@ -325,7 +318,7 @@ def _write_shards(executor: Executor, plans_file: Path, offsets: list[int], task
     sends byte offsets, not uids). Few plain Ray tasks, all started at once: a Ray Data task costs ≈50 ms of
     CPU, and Ray Data ramps its tasks up over seconds."""
     runs = [run for run in np.array_split(np.arange(len(offsets)), min(tasks, len(offsets)) or 1) if len(run)]
-    written = executor.map_shared(_write_shard_run, (str(plans_file), str(state.parts_dir), str(state.shards_dir)),
+    written = executor.map_shared(write_shard_run, (str(plans_file), str(state.parts_dir), str(state.shards_dir)),
                                   [(offsets[run[0]], len(run)) for run in runs])
     return [info for infos in written for info in infos]
 

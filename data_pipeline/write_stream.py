@@ -4,7 +4,7 @@
 per piece; ``ShardPlanner``: shard plans cut from the kept rows as they come, each written to a
 JSON-lines file as soon as it is full, with a digest of the whole plan (what decides whether the
 shards on disk can be reused) and each plan's byte offset: a shard's writer reads its own plan
-(``read_plans``), so the driver never holds the kept rows' uids.
+(``shards.write_shard_run``), so the driver never holds the kept rows' uids.
 """
 from __future__ import annotations
 
@@ -108,11 +108,3 @@ class ShardPlanner:
             self._flush()
         self._handle.close()
         self._replacing.__exit__(*error)
-
-
-def read_plans(path: Path, offset: int, count: int) -> list[ShardPlan]:
-    """The ``count`` plans from byte ``offset`` of a ``ShardPlanner`` file."""
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        raws = [json.loads(handle.readline()) for _ in range(count)]
-    return [ShardPlan(raw["name"], raw["members"]) for raw in raws]

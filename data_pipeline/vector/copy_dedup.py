@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from data_pipeline.vector.graph import GraphConfig, SimilarityGraph, similarity_graph
 from data_pipeline.vector.results import PerSampleResult, reasons, summary
@@ -43,6 +41,10 @@ def copy_dedup(embeddings: np.ndarray, cfg: CopyDedupConfig = CopyDedupConfig(),
     x = embedding_matrix(embeddings, "embeddings")
     n = len(x)
     quality = per_sample(quality, n, "quality")
+    # scipy here, not at the top: every Ray worker imports the stage registry, and scipy costs it ≈0.1 s
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     edges = similarity_graph(x, cfg.k, cfg.threshold, graph)
     adjacency = coo_matrix((np.ones(len(edges.rows), np.int8), (edges.rows, edges.cols)), shape=(n, n))
     _, component = connected_components(adjacency, directed=False)
