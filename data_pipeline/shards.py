@@ -1,7 +1,8 @@
 """Webdataset shard writer, reader of finished shards, and run manifest.
 
 Shards are planned as the kept rows stream by (``write_stream.ShardPlanner``: kept rows in read order,
-``samples_per_shard`` each) and written independently, each to a temporary name and then renamed, so a shard file that exists is complete.
+``samples_per_shard`` each) and written independently (``write_shard_run``: a run of consecutive plans per
+executor task), each to a temporary name and then renamed, so a shard file that exists is complete.
 Tars use mtime 0 and fixed ownership: the same rows give byte-identical shards.
 """
 from __future__ import annotations
@@ -71,8 +72,7 @@ def read_plans(path: Path, offset: int, count: int) -> list[ShardPlan]:
 def write_shard_run(paths: tuple[str, str, str], offset: int, count: int) -> list[dict]:
     """Write the ``count`` consecutive shards whose plans start at byte ``offset`` of the plans file;
     ``paths``: the plans file, the scored parts' folder and the shards' folder. An executor task: it lives
-    here so that a worker that writes imports this module only (the pipeline module would bring every
-    stage, ≈0.3 s of imports in each worker)."""
+    here so that a worker that writes imports this module only, not the pipeline's every stage."""
     plans_file, parts_dir, out_dir = map(Path, paths)
     return [write_shard(plan, parts_dir, out_dir) for plan in read_plans(plans_file, offset, count)]
 

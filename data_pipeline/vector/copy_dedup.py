@@ -41,7 +41,7 @@ def copy_dedup(embeddings: np.ndarray, cfg: CopyDedupConfig = CopyDedupConfig(),
     x = embedding_matrix(embeddings, "embeddings")
     n = len(x)
     quality = per_sample(quality, n, "quality")
-    # scipy here, not at the top: every Ray worker imports the stage registry, and scipy costs it ≈0.1 s
+    # scipy here, not at the top: every Ray worker imports the stage registry, and scipy would cost each ≈0.2 s
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
