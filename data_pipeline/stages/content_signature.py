@@ -79,15 +79,21 @@ class Signatures:
 
     @classmethod
     def parse(cls, signatures) -> Signatures:
+        """Parse a sequence of ``content_signature`` bytes. The signatures of one length (with bars or
+        without) are read as one byte table: a loop over rows cost the dedup step ≈10 % of its CPU."""
+        signatures = list(signatures)
         n, part = len(signatures), 2 + SIDE * SIDE
         bars = np.empty((n, 4), np.float32)
         levels = np.empty((2, n, SIDE, SIDE), np.float32)
         spreads = np.empty((2, n), np.float32)
-        for i, signature in enumerate(signatures):
-            bars[i] = np.frombuffer(signature[:4], np.uint8) / 256
-            for k, offset in enumerate((4, 4 + part if len(signature) > 4 + part else 4)):
-                spreads[k, i] = np.frombuffer(signature[offset:offset + 2], np.float16)[0]
-                levels[k, i] = np.frombuffer(signature[offset + 2:offset + part], np.int8).reshape(SIDE, SIDE)
+        lengths = np.array([len(signature) for signature in signatures], np.int64)
+        for length in np.unique(lengths):
+            rows = np.flatnonzero(lengths == length)
+            table = np.frombuffer(b"".join(signatures[i] for i in rows), np.uint8).reshape(len(rows), length)
+            bars[rows] = table[:, :4] / 256
+            for k, offset in enumerate((4, 4 + part if length > 4 + part else 4)):
+                spreads[k, rows] = table[:, offset:offset + 2].copy().view(np.float16)[:, 0]
+                levels[k, rows] = table[:, offset + 2:offset + part].view(np.int8).reshape(len(rows), SIDE, SIDE)
         return cls(bars, levels[0], spreads[0], levels[1], spreads[1])
 
     def compared_parts(self, a: int, b: int) -> tuple[np.ndarray, float, np.ndarray, float]:
