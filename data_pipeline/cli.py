@@ -56,7 +56,7 @@ EPILOG = _COMMANDS + stage_table() + _STAGES_NOTE
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlm-curate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Read raw image-text pairs, validate, filter and deduplicate them on Ray Data, and write "
+        description="Read raw image-text pairs, validate, filter and deduplicate them on Ray, and write "
                     "webdataset shards plus a record of why each sample was kept or rejected.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_help = ("all steps, resuming finished work: score, dedup, embed (CLIP embeddings, when the config has "
@@ -93,8 +93,8 @@ def _add_embed_parser(commands) -> None:
     embed.add_argument("--batch-size", type=int, default=256, help="images per forward (default 256)")
     embed.add_argument("--workers", type=int, default=2, help="model actors (default 2)")
     embed.add_argument("--cpus-per-worker", type=float, default=0.5,
-                       help="Ray CPUs per actor (default 0.5: fractional, so the actors and Ray Data's tasks "
-                            "share a small machine)")
+                       help="Ray CPUs per actor (default 0.5: fractional, so the actors and a curation run's "
+                            "workers share a small machine)")
     embed.add_argument("--no-ray", action="store_true", help="embed in this process (debugging)")
 
 

@@ -53,9 +53,9 @@ class OutputConfig:
 
 @dataclass
 class RayConfig:
-    workers: int = field(default=2, metadata={"min": 1})  # scoring actors
-    # Fractional CPUs per actor: actors asking a whole CPU each starve Ray Data's own tasks on a
-    # small machine (a silent deadlock on 2 cores).
+    workers: int = field(default=2, metadata={"min": 1})  # the run's Ray worker processes, for every step
+    # Fractional CPUs per worker: the pool lives as long as the run, and the embed step's model workers
+    # must still fit beside it on a small machine (whole CPUs on 2 cores: a silent deadlock).
     cpus_per_worker: float = field(default=0.5, metadata={"min": 0.01})
     num_cpus: int = field(default=0, metadata={"min": 0})  # local Ray only; 0 = all cores
 
@@ -91,8 +91,8 @@ class EmbedConfig:
     defaults (fp32, no sparsification) are exact."""
     batch_size: int = field(default=256, metadata={"min": 1})  # images per forward
     workers: int = field(default=2, metadata={"min": 1})  # model actors
-    # Fractional CPUs, as for the scoring actors: the model actors share the machine with the run's
-    # Ray Data tasks, which whole-CPU actors would starve on 2 cores.
+    # Fractional CPUs, as for the run's workers: the model actors share the machine with them, and
+    # whole-CPU actors would not fit beside them on 2 cores.
     cpus_per_worker: float = field(default=0.5, metadata={"min": 0.01})
     threads_per_worker: int = field(default=1, metadata={"min": 1})  # torch threads inside one actor
     num_cpus: int = field(default=0, metadata={"min": 0})  # local Ray only; 0 = all cores

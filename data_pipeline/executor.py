@@ -3,24 +3,32 @@
 
 Both offer the same three shapes of work, and the steps name no executor:
   map_actors   an object built once per worker (costly: a language model), then called on one item
-               at a time (Ray Data actors with fractional CPUs): the score step
-  map_shared   ``function(shared, *item)`` per item, ``shared`` sent once (Ray tasks, all started at
-               once): dedup's searches, writing shards
-  workers      long-lived workers that keep their state between calls (Ray actors): the embed step's
-               model workers, which load the model once and serve every set of one run
+               at a time: the score step
+  map_shared   ``function(shared, *item)`` per item, ``shared`` sent once: dedup's searches,
+               writing shards
+  workers      long-lived workers that keep their state between calls: the embed step's model
+               workers, which load the model once and serve every set of one run
+
+On Ray, map_actors and map_shared run on one pool of ``ray.workers`` actors (``StepWorker``) that
+lives as long as the run: each worker process starts, and imports the pipeline, once per run, not
+once per step. On a small machine, starting processes was most of what Ray added to a run when the
+score step had Ray Data's actors and the other steps plain Ray tasks (BENCHMARKS.md, "One pool of
+worker processes per run").
 
 Ray is joined the same way everywhere (``ensure_ray``): a cluster when given its address, else a
-local instance. Our own progress bars report the work, so Ray's INFO chatter on the console
-(instance start, Ray Data execution plans, its progress bars) is turned down to warnings; Ray's log
-files keep it.
+local instance. Our own progress bars report the work, so Ray's INFO chatter on the console is
+turned down to warnings; Ray's log files keep it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Iterator
 
 from data_pipeline.config import RayConfig
 from data_pipeline.stages.near_duplicates import serial_map
+
+RESTARTS = 3  # a worker whose process died is restarted and its call retried, as often as Ray retries a task
 
 
 def ensure_ray(num_cpus: int = 0, address: str | None = None) -> bool:
@@ -34,17 +42,27 @@ def ensure_ray(num_cpus: int = 0, address: str | None = None) -> bool:
         ray.init(address=address, **quiet)
     else:
         ray.init(num_cpus=num_cpus or None, include_dashboard=False, **quiet)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    for handler in logging.getLogger("ray.data").handlers:  # the console only: Ray Data's log file keeps it all
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
     return True
 
 
-def _rows(batch: dict) -> Iterator[dict]:
-    """The rows of a column batch ``{field: [values]}``."""
-    names = list(batch)
-    return (dict(zip(names, values)) for values in zip(*(batch[name] for name in names)))
+class StepWorker:
+    """A worker of the run's pool: calls any step's function, and keeps the object ``map_actors`` built
+    for the step it serves."""
+
+    def __init__(self):
+        self.step, self.built = None, None
+
+    def build_and_call(self, step: int, factory: type, kwargs: dict, item):
+        if step != self.step:  # a new step, or a restart after this worker's process died
+            self.release()
+            self.built, self.step = factory(**kwargs), step
+        return self.built(item)
+
+    def release(self) -> None:
+        self.step, self.built = None, None
+
+    def call(self, function: Callable, shared, *item):
+        return function(shared, *item)
 
 
 class RayExecutor:
@@ -55,48 +73,58 @@ class RayExecutor:
 
         self.ray, self.cfg = ray, cfg
         self.started = ensure_ray(cfg.num_cpus, address)
+        self.pool = RayWorkers(ray, StepWorker, (), cfg.workers, cfg.cpus_per_worker)
+        self.steps = itertools.count()
 
-    def map_actors(self, actor: type, kwargs: dict, items: list[dict]) -> Iterator[dict]:
-        """``actor(**kwargs)`` on each of ``cfg.workers`` actors, called with one item at a time as a batch
-        (``{field: [value]}``); the rows of its batches, as they finish."""
-        ray = self.ray
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            actor, fn_constructor_kwargs=kwargs, batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(self.cfg.workers, len(items))),
-            num_cpus=self.cfg.cpus_per_worker)
-        yield from dataset.iter_rows()
+    def map_actors(self, actor: type, kwargs: dict, items: list) -> Iterator:
+        """``actor(**kwargs)`` built once on each worker of the pool, then called with one item at a time;
+        the results as they finish. The workers drop what they built when the step ends."""
+        step, kwargs_ref = next(self.steps), self.ray.put(kwargs)
+        try:
+            yield from self.pool.map("build_and_call", [(step, actor, kwargs_ref, item) for item in items])
+        finally:
+            self.pool.tell_each("release")
 
     def map_shared(self, function: Callable, shared, items: list[tuple]) -> list:
-        """``function(shared, *item)`` per item as Ray tasks; ``shared`` goes to the object store once."""
-        remote = self.ray.remote(num_cpus=self.cfg.cpus_per_worker)(function)
+        """``function(shared, *item)`` per item on the pool, the results in item order; ``shared`` goes to
+        the object store once."""
         shared_ref = self.ray.put(shared)
-        return self.ray.get([remote.remote(shared_ref, *item) for item in items])
+        return list(self.pool.map("call", [(function, shared_ref, *item) for item in items], ordered=True))
 
     def workers(self, worker: type, args: tuple, most: int, cpus: float) -> RayWorkers:
         return RayWorkers(self.ray, worker, args, most, cpus)
 
     def close(self) -> None:
+        self.pool.close()
         if self.started:
             self.ray.shutdown()
 
 
 class RayWorkers:
-    """Up to ``most`` Ray actors, each ``worker(*args)``, started when work first needs them; each item goes
-    to whichever actor is free (``ray.util.ActorPool``), so only items and results travel through Ray."""
+    """Up to ``most`` Ray actors, each ``worker(*args)``, started when work first needs them and spread over
+    the cluster's nodes; each item goes to whichever actor is free (``ray.util.ActorPool``), so only items
+    and results travel through Ray."""
 
     def __init__(self, ray, worker: type, args: tuple, most: int, cpus: float):
         self.ray, self.args, self.most = ray, args, most
-        self.remote = ray.remote(num_cpus=cpus)(worker)
+        self.remote = ray.remote(num_cpus=cpus, scheduling_strategy="SPREAD", max_restarts=RESTARTS,
+                                 max_task_retries=RESTARTS)(worker)
         self.actors: list = []
 
-    def map(self, method: str, items: list[tuple]) -> Iterator:
-        """``worker.<method>(*item)`` per item; the results in completion order."""
+    def map(self, method: str, items: list[tuple], ordered: bool = False) -> Iterator:
+        """``worker.<method>(*item)`` per item; the results in completion order (``ordered``: in item order)."""
         from ray.util import ActorPool
 
         wanted = min(self.most, len(items))
         self.actors += [self.remote.remote(*self.args) for _ in range(wanted - len(self.actors))]
         pool = ActorPool(self.actors)
-        yield from pool.map_unordered(lambda actor, item: getattr(actor, method).remote(*item), items)
+        submit = lambda actor, item: getattr(actor, method).remote(*item)  # noqa: E731
+        yield from pool.map(submit, items) if ordered else pool.map_unordered(submit, items)
+
+    def tell_each(self, method: str) -> None:
+        """``worker.<method>()`` on every started actor, after the calls it has queued; not awaited."""
+        for actor in self.actors:
+            getattr(actor, method).remote()
 
     def close(self) -> None:
         for actor in self.actors:
@@ -107,10 +135,10 @@ class RayWorkers:
 class LocalExecutor:
     """The same work, in order, in this process."""
 
-    def map_actors(self, actor: type, kwargs: dict, items: list[dict]) -> Iterator[dict]:
+    def map_actors(self, actor: type, kwargs: dict, items: list) -> Iterator:
         built = actor(**kwargs)
         for item in items:
-            yield from _rows(built({name: [value] for name, value in item.items()}))
+            yield built(item)
 
     map_shared = staticmethod(serial_map)
 

@@ -98,10 +98,8 @@ class PartScorer:
         self.cfg, self.parts_dir = cfg, Path(parts_dir)
         self.functions = row_stage_functions(cfg)
 
-    def __call__(self, batch: dict) -> dict:
-        summaries = [score_part(Part(part_id, int(source), path), self.cfg, self.functions, self.parts_dir)
-                     for part_id, source, path in zip(batch["part_id"], batch["source_index"], batch["path"])]
-        return {"summary": [json.dumps(s) for s in summaries]}
+    def __call__(self, part: dict) -> dict:
+        return score_part(Part(**part), self.cfg, self.functions, self.parts_dir)
 
 
 # ------------------------------------------------------------------ the run
@@ -305,8 +303,7 @@ def _score(executor: Executor, pending: list[Part], state: Run, cfg: CurateConfi
     items = [asdict(p) for p in pending]
     summaries = executor.map_actors(PartScorer, {"cfg": cfg, "parts_dir": str(state.parts_dir)}, items)
     with tqdm(desc="score", unit="rows", disable=not cfg.progress, dynamic_ncols=True) as bar:
-        for done, row in enumerate(summaries, start=1):
-            summary = json.loads(row["summary"])
+        for done, summary in enumerate(summaries, start=1):
             rejected.update(summary["rejected"])
             bar.update(summary["rows"])
             top = ", ".join(f"{k}={v}" for k, v in rejected.most_common(3))
@@ -315,8 +312,7 @@ def _score(executor: Executor, pending: list[Part], state: Run, cfg: CurateConfi
 
 def _write_shards(executor: Executor, plans_file: Path, offsets: list[int], tasks: int, state: Run) -> list[dict]:
     """The shards written in ``tasks`` runs of consecutive plans, each task reading its own plans (the driver
-    sends byte offsets, not uids). Few plain Ray tasks, all started at once: a Ray Data task costs ≈50 ms of
-    CPU, and Ray Data ramps its tasks up over seconds."""
+    sends byte offsets, not uids): few calls, so each worker reads long runs of plans."""
     runs = [run for run in np.array_split(np.arange(len(offsets)), min(tasks, len(offsets)) or 1) if len(run)]
     written = executor.map_shared(write_shard_run, (str(plans_file), str(state.parts_dir), str(state.shards_dir)),
                                   [(offsets[run[0]], len(run)) for run in runs])

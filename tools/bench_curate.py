@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark vlm-curate: the full pipeline on Ray Data (local Ray, N CPUs) against the same stage
+"""Benchmark vlm-curate: the full pipeline on Ray (a local Ray of N CPUs, N workers) against the same stage
 functions run in one plain Python process, on a generated pool.
 
 The two alternate for ``--rounds`` rounds (plain, Ray, plain, Ray, ...) in one process, and the
@@ -97,10 +97,10 @@ def main() -> None:
     plain_s, ray_s = statistics.median(times["plain"]), statistics.median(times["ray"])
     print(f"pool: {rows} pairs, kept {kept}; machine: {os.cpu_count()} cores, load average before "
           f"{load_before:.1f}, after {os.getloadavg()[0]:.1f}; median of {args.rounds} alternating rounds")
-    print(f"plain Python, 1 process : {plain_s:6.1f} s  {rows / plain_s:7.0f} rows/s")
-    print(f"Ray Data, {args.cpus} CPUs        : {ray_s:6.1f} s  {rows / ray_s:7.0f} rows/s  "
+    print(f"plain Python, 1 process  : {plain_s:6.1f} s  {rows / plain_s:7.0f} rows/s")
+    print(f"{f'Ray, {args.cpus} CPUs, {args.cpus} workers':25s}: {ray_s:6.1f} s  {rows / ray_s:7.0f} rows/s  "
           f"(+ {ray_start_s:.1f} s ray.init, once, not counted)")
-    print(f"speed-up                : {plain_s / ray_s:.2f}×")
+    print(f"speed-up                 : {plain_s / ray_s:.2f}×")
     print(f"peak RSS: driver {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB (all runs), "
           f"Ray workers {memory.peak_total / 2**20:.0f} MiB summed, largest single worker "
           f"{memory.peak_single / 2**20:.0f} MiB")
