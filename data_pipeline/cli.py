@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         step.add_argument("config", type=Path, help="curation YAML (see configs/curate/)")
         step.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
         step.add_argument("--ray-address", default=None,
-                          help="Ray cluster to join (e.g. auto or host:6379); default: a local Ray for this run")
+                          help="Ray cluster to join (e.g. auto or host:6379); default: $RAY_ADDRESS when set, else a "
+                               "local Ray for this run")
         step.add_argument("--no-ray", action="store_true", help="run the stages in this process (debugging)")
     report = commands.add_parser("report", help="PNG charts and an HTML page for a finished run")
     report.add_argument("out", type=Path, help="the run's output_dir")

@@ -15,14 +15,15 @@ once per step. On a small machine, starting processes was most of what Ray added
 score step had Ray Data's actors and the other steps plain Ray tasks (BENCHMARKS.md, "One pool of
 worker processes per run").
 
-Ray is joined the same way everywhere (``ensure_ray``): a cluster when given its address, else a
-local instance. Our own progress bars report the work, so Ray's INFO chatter on the console is
+Ray is joined the same way everywhere (``ensure_ray``): a cluster when given its address (or
+``$RAY_ADDRESS``), else a local instance of the run's own. Our own progress bars report the work, so Ray's INFO chatter on the console is
 turned down to warnings; Ray's log files keep it.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 from typing import Callable, Iterator
 
 from data_pipeline.config import RayConfig
@@ -32,16 +33,19 @@ RESTARTS = 3  # a worker whose process died is restarted and its call retried, a
 
 
 def ensure_ray(num_cpus: int = 0, address: str | None = None) -> bool:
-    """Start or join Ray unless this process already has; True when this call did (and should shut it down)."""
+    """Start or join Ray unless this process already has; True when this call did (and should shut it down).
+    The cluster: ``address``, else ``$RAY_ADDRESS``, else a new local instance. Never the cluster that
+    ``ray start`` last ran on this machine, which Ray alone would join even when it is gone."""
     import ray
 
     if ray.is_initialized():
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False, **quiet)
+        ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=False, **quiet)
     return True
 
 
