@@ -70,7 +70,7 @@ class StepWorker:
 
 
 class RayExecutor:
-    """Joins the Ray cluster at ``address`` (default: starts a local Ray for this run)."""
+    """Joins Ray as ``ensure_ray`` does; the run's steps work in one pool of ``cfg.workers`` actors."""
 
     def __init__(self, cfg: RayConfig, address: str | None = None):
         import ray
