@@ -16,8 +16,8 @@ score step had Ray Data's actors and the other steps plain Ray tasks (BENCHMARKS
 worker processes per run").
 
 Ray is joined the same way everywhere (``ensure_ray``): a cluster when given its address (or
-``$RAY_ADDRESS``), else a local instance of the run's own. Our own progress bars report the work, so Ray's INFO chatter on the console is
-turned down to warnings; Ray's log files keep it.
+``$RAY_ADDRESS``), else a local instance of the run's own. Our own progress bars report the work, so
+Ray's INFO chatter on the console is turned down to warnings; Ray's log files keep it.
 """
 from __future__ import annotations
 
