@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from data_pipeline.config import EmbedConfig, ModelSpec  # noqa: E402
 from data_pipeline.embed.jobs import read_shard  # noqa: E402
 from data_pipeline.embed.workers import EmbedWorkers, embed_pool  # noqa: E402
+from data_pipeline.executor import ensure_ray  # noqa: E402
 from vlmtrain.checkpoint import write_export  # noqa: E402
 from vlmtrain.config import load_train_config  # noqa: E402
 from vlmtrain.eval.checkpoints import load_eval_model  # noqa: E402
@@ -78,7 +79,7 @@ def main() -> None:
         export = write_tiny_export(Path(tmp) / "tiny")
         images, bare_s = bare_loop(export, shards, args.batch_size)
         started = time.perf_counter()
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+        ensure_ray(args.workers)  # as vlm-curate starts it
         ray_init_s = time.perf_counter() - started
         cfg = EmbedConfig(batch_size=args.batch_size, workers=args.workers, cpus_per_worker=0.5, progress=False)
         spec = ModelSpec(checkpoint=str(export))

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from webdataset import TarWriter
 
+from data_pipeline.executor import ensure_ray
 from tests.conftest import REPO, generate_corpus
 
 os.environ.setdefault("RAY_TMPDIR", str(REPO / "build" / "ray"))
@@ -121,6 +122,6 @@ def local_ray():
     """One local 2-CPU Ray for all pipeline tests in this session; yields its address."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ensure_ray(2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -1,5 +1,5 @@
-"""What a Ray worker must import to run a step's task: every worker process pays its imports again,
-and on a small machine those are a large part of what Ray adds to a run (BENCHMARKS.md, "Fewer imports
+"""What a Ray worker must import to run a step's task: every worker process pays its imports once a
+run, and on a small machine those are a large part of what Ray adds to it (BENCHMARKS.md, "Fewer imports
 in every Ray worker")."""
 from __future__ import annotations
 
